@@ -1,0 +1,63 @@
+"""The ASGI application: routes, error envelope and the engine's lifetime, wired explicitly."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .access_log import AccessLog
+from .config import SCHEMAS_DIR, Settings
+from .contract import InputContract
+from .engine import Engine
+from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
+from .model_store import ModelStore
+from .routes import TextGenerationRoutes
+
+log = logging.getLogger("server.app")
+
+
+async def api_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ApiError)
+    return exc.response()
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 405:
+        return ApiError(405, METHOD_NOT_ALLOWED, f"Method {request.method} not allowed here").response()
+    if exc.status_code == 404:
+        return ApiError(404, NO_ROUTE, f"Could not route to {request.url.path}").response()
+    return ApiError(exc.status_code, exc.status_code, str(exc.detail)).response()
+
+
+async def unexpected_error(request: Request, exc: Exception) -> Response:
+    # A bug of ours: log the traceback here, give the client the envelope, never the traceback.
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return ApiError(500, INTERNAL, "Internal server error").response()
+
+
+def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
+    contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
+    text_generation = TextGenerationRoutes(engine, contracts, settings.max_body_bytes)
+
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    return Starlette(
+        routes=text_generation.routes(),
+        middleware=[Middleware(AccessLog)],
+        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
+        lifespan=lifespan,
+    )

@@ -1,0 +1,130 @@
+"""Every setting of the server, in one place: defaults, environment variables and command-line flags.
+
+Precedence is flag > environment variable > default, so a `make run` line can be tuned either way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SCHEMAS_DIR = PROJECT_ROOT / "schemas"
+CATALOG_PATH = PROJECT_ROOT / "models" / "catalog.json"
+
+
+def physical_cores() -> int:
+    """Cores this process may run on, counting hyper-threads of one core once.
+
+    llama.cpp's matrix kernels saturate a core's execution units, so a second hyper-thread on the same core
+    adds contention rather than speed; a thread per logical CPU only pays where there is no SMT.
+    """
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return max(1, len(allowed))
+    cores: set[tuple[str, str]] = set()
+    cpu, physical, core = None, "0", None
+    for line in [*text.splitlines(), ""]:
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "processor":
+            cpu = int(value)
+        elif key == "physical id":
+            physical = value
+        elif key == "core id":
+            core = value
+        elif not line.strip() and cpu is not None:
+            if cpu in allowed:
+                cores.add((physical, core if core is not None else str(cpu)))
+            cpu, physical, core = None, "0", None
+    return max(1, len(cores) or len(allowed))
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    env: str
+    help: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    model: str = "smollm2-135m-instruct"
+    ctx_size: int = 0
+    threads: int = 0
+    batch_size: int = 512
+    parallel: int = 1
+    gpu_layers: int = -1
+    max_body_bytes: int = 4 * 1024 * 1024
+    log_level: str = "info"
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads if self.threads > 0 else physical_cores()
+
+
+OPTIONS: dict[str, Option] = {
+    "host": Option("--host", "WAI_HOST", "address to bind; keep loopback unless the port is protected"),
+    "port": Option("--port", "WAI_PORT", "TCP port"),
+    "model": Option(
+        "--model",
+        "WAI_MODEL",
+        "GGUF to serve as @cf/meta/llama-3.1-8b-instruct-fast: a source name from models/catalog.json "
+        "(smollm2-135m-instruct, llama-3.1-8b-instruct-q4_k_m, ...), a local .gguf path, "
+        "or hf:OWNER/REPO/FILE.gguf[@REVISION]",
+    ),
+    "ctx_size": Option(
+        "--ctx-size", "WAI_CTX_SIZE", "context window in tokens; 0 = the model's trained length, capped at 8192"
+    ),
+    "threads": Option("--threads", "WAI_THREADS", "CPU threads for decoding; 0 = physical cores"),
+    "batch_size": Option("--batch-size", "WAI_BATCH_SIZE", "most tokens handed to one llama_decode call"),
+    "parallel": Option("--parallel", "WAI_PARALLEL", "sequences decoded together (slots)"),
+    "gpu_layers": Option(
+        "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"
+    ),
+    "max_body_bytes": Option("--max-body-bytes", "WAI_MAX_BODY_BYTES", "largest request body accepted"),
+    "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
+}
+
+
+def _convert(name: str, raw: str) -> object:
+    kind = type(getattr(Settings(), name))
+    try:
+        return kind(raw)
+    except ValueError as exc:
+        raise SystemExit(f"{OPTIONS[name].env}={raw!r} is not a valid {kind.__name__}") from exc
+
+
+def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    defaults = Settings()
+    cli = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the Cloudflare Workers AI text-generation API for "
+        "@cf/meta/llama-3.1-8b-instruct-fast on a local llama.cpp model.",
+        epilog="Each flag can also be set by the environment variable shown beside it; a flag wins over it.",
+    )
+    for field in fields(Settings):
+        option = OPTIONS[field.name]
+        default = getattr(defaults, field.name)
+        if option.env in environ:
+            default = _convert(field.name, environ[option.env])
+        cli.add_argument(
+            option.flag,
+            dest=field.name,
+            type=type(getattr(defaults, field.name)),
+            default=default,
+            help=f"{option.help} [env {option.env}; default: %(default)s]",
+        )
+    return cli
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    env = os.environ if environ is None else environ
+    args = parser(env).parse_args(argv)
+    return Settings(**vars(args))

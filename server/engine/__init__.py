@@ -1,0 +1,37 @@
+"""Text generation on a llama.cpp model, behind a small async interface that knows nothing of HTTP."""
+
+from .chat_template import ChatTemplateError
+from .engine import (
+    ChatPrompt,
+    CompletionRequest,
+    Engine,
+    EngineNotReady,
+    EngineState,
+    FinishReason,
+    Generation,
+    GenerationFailed,
+    Prompt,
+    PromptTooLong,
+    TextPrompt,
+    Usage,
+)
+from .llama_model import ContextSettings
+from .sampler import SamplingParams
+
+__all__ = [
+    "ChatPrompt",
+    "ChatTemplateError",
+    "CompletionRequest",
+    "ContextSettings",
+    "Engine",
+    "EngineNotReady",
+    "EngineState",
+    "FinishReason",
+    "Generation",
+    "GenerationFailed",
+    "Prompt",
+    "PromptTooLong",
+    "SamplingParams",
+    "TextPrompt",
+    "Usage",
+]

@@ -1,0 +1,179 @@
+"""The llama.cpp model and context, through llama-cpp-python's low-level C bindings.
+
+This is the only module that holds llama.cpp pointers. Loading, tokenizing and rendering pieces are safe from
+any thread (the vocabulary is read-only once loaded); `decode` and everything touching the context belong to
+the engine thread alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+
+log = logging.getLogger("server.llama")
+
+# ggml's log levels (ggml.h of this build): 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+# Its info level narrates every model load in a hundred lines, so it goes to debug with the rest.
+_LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+
+
+@llama.llama_log_callback
+def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+    # llama.cpp writes its load report to stderr by default; route it through logging so the server's
+    # one-line-per-request log stays readable and `--log-level debug` still shows it.
+    message = text.decode("utf-8", errors="replace").rstrip()
+    if message:
+        log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", message)
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
+        llama.llama_backend_init()
+        _backend_ready = True
+
+
+class ModelLoadError(Exception):
+    pass
+
+
+class DecodeError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    n_ctx: int  # 0: the model's trained length, capped at DEFAULT_CTX_CAP
+    n_batch: int
+    n_seq: int
+    n_threads: int
+    n_gpu_layers: int  # -1: every layer, where the build can offload
+
+
+DEFAULT_CTX_CAP = 8192
+
+
+class LlamaModel:
+    def __init__(self, path: Path, settings: ContextSettings) -> None:
+        _init_backend()
+        model_params = llama.llama_model_default_params()
+        if llama.llama_supports_gpu_offload():
+            model_params.n_gpu_layers = 2**31 - 1 if settings.n_gpu_layers < 0 else settings.n_gpu_layers
+        else:
+            model_params.n_gpu_layers = 0
+        self.gpu_offload = model_params.n_gpu_layers > 0
+        self.model = llama.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self.model:
+            raise ModelLoadError(f"llama.cpp could not load {path}")
+        self.vocab = llama.llama_model_get_vocab(self.model)
+        self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+
+        ctx_params = llama.llama_context_default_params()
+        n_ctx = settings.n_ctx or min(self.n_ctx_train, DEFAULT_CTX_CAP)
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = settings.n_batch
+        ctx_params.n_ubatch = settings.n_batch
+        ctx_params.n_seq_max = settings.n_seq
+        ctx_params.n_threads = settings.n_threads
+        ctx_params.n_threads_batch = settings.n_threads
+        # Each slot gets its own n_ctx / n_seq cells, so one long conversation cannot starve the others.
+        ctx_params.kv_unified = False
+        ctx_params.no_perf = True
+        self.ctx = llama.llama_init_from_model(self.model, ctx_params)
+        if not self.ctx:
+            llama.llama_model_free(self.model)
+            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self.memory = llama.llama_get_memory(self.ctx)
+        self.n_ctx = llama.llama_n_ctx(self.ctx)
+        self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx)
+        self.n_batch = llama.llama_n_batch(self.ctx)
+        self.n_seq = settings.n_seq
+        self.n_threads = settings.n_threads
+        self.bos = llama.llama_vocab_bos(self.vocab)
+        self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.description = self._string(lambda buf, n: llama.llama_model_desc(self.model, buf, n))
+
+    # -- vocabulary (any thread) ---------------------------------------------------------------------------
+
+    def metadata(self, key: str) -> str | None:
+        size = 256
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama.llama_model_meta_val_str(self.model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def chat_template(self) -> str | None:
+        raw = llama.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def token_text(self, token: int) -> str:
+        raw = llama.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice."""
+        data = text.encode("utf-8")
+        capacity = len(data) + 2
+        tokens = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        if n < 0:
+            capacity = -n
+            tokens = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        result = list(tokens[:n])
+        # A template or raw prompt that already spells out the BOS text gets it parsed, and llama.cpp prepends
+        # another; two BOS tokens measurably degrade Llama 3 output.
+        if self.adds_bos and len(result) >= 2 and result[0] == self.bos and result[1] == self.bos:
+            del result[0]
+        return result
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for; control tokens (EOS, headers) render as nothing."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    # -- context (engine thread only) ----------------------------------------------------------------------
+
+    def decode(self, batch: llama.llama_batch) -> None:
+        status = llama.llama_decode(self.ctx, batch)
+        if status != 0:
+            reason = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
+            raise DecodeError(reason)
+
+    def forget(self, seq_id: int, from_pos: int = 0) -> None:
+        """Drop a sequence's cached positions from `from_pos` on."""
+        llama.llama_memory_seq_rm(self.memory, seq_id, from_pos, -1)
+
+    def close(self) -> None:
+        if self.ctx:
+            llama.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama.llama_model_free(self.model)
+            self.model = None
+
+    @staticmethod
+    def _string(call: object) -> str:
+        buf = ctypes.create_string_buffer(256)
+        n = call(buf, 256)  # type: ignore[operator]
+        return buf.value.decode("utf-8", errors="replace") if n > 0 else ""

@@ -1,0 +1,165 @@
+"""HTTP endpoints of the Workers AI REST API: run a model, and report health.
+
+Handlers turn HTTP into engine requests and engine output into Workers AI's JSON and SSE shapes; they never
+touch llama.cpp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import sse
+from .contract import InputContract, RunRequest
+from .engine import (
+    ChatPrompt,
+    ChatTemplateError,
+    CompletionRequest,
+    Engine,
+    EngineNotReady,
+    EngineState,
+    Generation,
+    GenerationFailed,
+    Prompt,
+    PromptTooLong,
+    TextPrompt,
+    Usage,
+)
+from .errors import (
+    INTERNAL,
+    INVALID_MODEL_ID,
+    MISSING_BODY,
+    NO_SUCH_MODEL,
+    OUT_OF_CAPACITY,
+    TOO_LARGE,
+    ApiError,
+    bad_input,
+    success,
+)
+
+# Not a status a server normally sends (nginx's "client closed request"); it only ever reaches the log.
+CLIENT_CLOSED = 499
+
+
+def usage_payload(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+def engine_prompt(request: RunRequest) -> Prompt:
+    if request.messages is not None:
+        return ChatPrompt(request.messages)
+    assert request.prompt is not None
+    if request.raw:
+        return TextPrompt(request.prompt)
+    return ChatPrompt([{"role": "user", "content": request.prompt}])
+
+
+async def read_json(request: Request, limit: int) -> object:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, TOO_LARGE, f"Request is too large: {declared} bytes, the limit is {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, TOO_LARGE, f"Request is too large: over {limit} bytes")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    if not body.strip():
+        raise ApiError(400, MISSING_BODY, "Request is missing headers or body: expected a JSON object")
+    try:
+        return json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_input(f"Error: the request body is not valid JSON ({exc})") from exc
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    # The body is fully read by now, so the next message the server hands us is the client going away.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+class TextGenerationRoutes:
+    def __init__(self, engine: Engine, contracts: dict[str, InputContract], max_body: int) -> None:
+        self.engine = engine
+        self.contracts = contracts
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", self.run, methods=["POST"]),
+            Route("/ai/run/{model:path}", self.run, methods=["POST"]),
+            Route("/health", self.health, methods=["GET"]),
+        ]
+
+    async def health(self, request: Request) -> Response:
+        state = self.engine.state
+        body: dict[str, object] = {"status": state.value}
+        if self.engine.error:
+            body["error"] = self.engine.error
+        return JSONResponse(body, status_code=200 if state is EngineState.READY else 503)
+
+    async def run(self, request: Request) -> Response:
+        model = request.path_params["model"]
+        contract = self.contracts.get(model)
+        if contract is None:
+            raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
+        run = contract.parse(await read_json(request, self.max_body))
+        if run.lora is not None:
+            raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter named {run.lora!r}")
+        generation = await self._submit(run)
+        request.state.generation = generation
+        if run.stream:
+            return StreamingResponse(self._events(generation), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return await self._complete(request, generation)
+
+    async def _submit(self, run: RunRequest) -> Generation:
+        try:
+            return await self.engine.submit(CompletionRequest(engine_prompt(run), run.sampling, run.max_tokens))
+        except PromptTooLong as exc:
+            raise bad_input(f"Error: {exc}; shorten the input") from exc
+        except ChatTemplateError as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        except EngineNotReady as exc:
+            raise ApiError(503, OUT_OF_CAPACITY, f"Capacity temporarily exceeded, please try again. ({exc})") from exc
+
+    async def _complete(self, request: Request, generation: Generation) -> Response:
+        collect = asyncio.ensure_future(generation.text())
+        disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+        try:
+            await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            disconnect.cancel()
+            if not collect.done():
+                generation.cancel()
+                collect.cancel()
+        if collect.cancelled():
+            return Response(status_code=CLIENT_CLOSED)
+        try:
+            text = collect.result()
+        except GenerationFailed as exc:
+            raise ApiError(500, INTERNAL, str(exc)) from exc
+        return success({"response": text, "tool_calls": [], "usage": usage_payload(generation.usage)})
+
+    @staticmethod
+    async def _events(generation: Generation) -> AsyncIterator[bytes]:
+        try:
+            async for piece in generation:
+                yield sse.event({"response": piece})
+            yield sse.event({"response": "", "usage": usage_payload(generation.usage)})
+            yield sse.DONE
+        except GenerationFailed as exc:
+            yield sse.event({"error": {"code": INTERNAL, "message": str(exc)}}, padded=False)
+        finally:
+            # Runs when the client goes away mid-stream too (the response task is cancelled).
+            generation.cancel()
