@@ -104,7 +104,12 @@ class TextGenerationRoutes:
 
     async def health(self, request: Request) -> Response:
         state = self.engine.state
-        body: dict[str, object] = {"status": state.value}
+        body: dict[str, object] = {
+            "status": state.value,
+            "slots": self.engine.slots,
+            "slots_busy": self.engine.busy_slots,
+            "context_per_slot": self.engine.context_per_slot,
+        }
         if self.engine.error:
             body["error"] = self.engine.error
         return JSONResponse(body, status_code=200 if state is EngineState.READY else 503)

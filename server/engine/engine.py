@@ -183,6 +183,7 @@ class Engine:
         self._incoming: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False
+        self._slots: list[Slot] = []
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -193,6 +194,15 @@ class Engine:
         self._stopping = True
         self._incoming.put(None)
         self._thread.join()
+
+    @property
+    def slots(self) -> int:
+        return len(self._slots)
+
+    @property
+    def busy_slots(self) -> int:
+        """Slots serving a request right now (read without locking: a snapshot for monitoring)."""
+        return sum(1 for slot in self._slots if slot.job is not None)
 
     @property
     def context_per_slot(self) -> int:
@@ -242,7 +252,7 @@ class Engine:
             self.model.n_threads,
             ", all layers on the GPU" if self.model.gpu_offload else "",
         )
-        slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
+        slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
         self.state = EngineState.READY
         try:

