@@ -148,7 +148,7 @@ class TextGenerationRoutes:
             if not collect.done():
                 generation.cancel()
                 collect.cancel()
-        if collect.cancelled():
+        if not collect.done() or collect.cancelled():
             return Response(status_code=CLIENT_CLOSED)
         try:
             text = collect.result()

@@ -65,7 +65,9 @@ def test_every_published_bound_is_covered():
     assert ("Prompt", "prompt") in covered
 
 
-@pytest.mark.parametrize(("branch", "name", "keyword", "past", "at"), CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("branch", "name", "keyword", "past", "at"), CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}" for c in CASES]
+)
 def test_schema_bound(client, branch, name, keyword, past, at):
     if name == "content":  # messages[].content: the bound lives inside the array's items
         pytest.skip("covered by test_message_content_bound")

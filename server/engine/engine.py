@@ -345,6 +345,8 @@ class Engine:
             self._finish(slot, _Finished(FinishReason.STOP, slot.n_generated))
             return
         slot.n_generated += 1
+        # Written from this thread for the request log, which may read it after the client has gone.
+        generation.completion_tokens = slot.n_generated
         text = slot.text.decode(self.model.piece(token))
         if text:
             generation._deliver(text)
@@ -355,10 +357,7 @@ class Engine:
 
     def _finish(self, slot: Slot, outcome: _Finished | _Failed) -> None:
         assert self.model is not None and slot.job is not None
-        if slot.text is not None:
-            tail = slot.text.decode(b"", final=True)
-            if tail and isinstance(outcome, _Finished):
-                slot.job.generation._deliver(tail)
+        # Bytes still held by the decoder are a character cut off by max_tokens: dropped, not sent as U+FFFD.
         slot.job.generation._deliver(outcome)
         if slot.sampler:
             slot.sampler.close()
