@@ -1,4 +1,4 @@
-"""`python -m server`: resolve the model (downloading it if need be), then serve."""
+"""`python -m server`: check the --model value, then serve while the engine fetches and loads it."""
 
 from __future__ import annotations
 
@@ -10,24 +10,34 @@ import uvicorn
 
 from .app import create_app
 from .config import CATALOG_PATH, load_settings
-from .engine import ContextSettings, Engine
+from .engine import ContextSettings, Engine, EngineState
 from .model_store import ModelSourceError, ModelStore
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
     log = logging.getLogger("server")
     store = ModelStore(CATALOG_PATH)
     try:
-        model_path = store.locate(settings.model)
+        source = store.source(settings.model)
     except ModelSourceError as exc:
         log.error("cannot serve --model %s: %s", settings.model, exc)
         return 2
+
+    server: uvicorn.Server | None = None
+
+    def stop_serving(_reason: str) -> None:
+        # A server that can never answer is worse than one that exits: let the supervisor or the user see it.
+        if server is not None:
+            server.should_exit = True
+
     engine = Engine(
-        model_path,
+        source.fetch,
         ContextSettings(
             n_ctx=settings.ctx_size,
             n_batch=settings.batch_size,
@@ -35,16 +45,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_threads=settings.effective_threads,
             n_gpu_layers=settings.gpu_layers,
         ),
+        on_failure=stop_serving,
     )
-    log.info("serving %s as %s on http://%s:%d", model_path, ", ".join(store.models), settings.host, settings.port)
-    uvicorn.run(
+    log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)
+    config = uvicorn.Config(
         create_app(settings, engine, store),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
     )
-    return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 1 if engine.state is EngineState.FAILED else 0
 
 
 if __name__ == "__main__":

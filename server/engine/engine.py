@@ -14,7 +14,7 @@ import codecs
 import logging
 import queue
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -173,9 +173,18 @@ class EngineState(Enum):
 
 
 class Engine:
-    def __init__(self, model_path: Path, settings: ContextSettings) -> None:
-        self.model_path = model_path
+    """Owns the model. `fetch_model` runs on the engine thread (it may download for minutes); `on_failure` is
+    called from that thread if the model cannot be fetched or loaded."""
+
+    def __init__(
+        self,
+        fetch_model: Callable[[], Path],
+        settings: ContextSettings,
+        on_failure: Callable[[str], None] | None = None,
+    ) -> None:
+        self.fetch_model = fetch_model
         self.settings = settings
+        self.on_failure = on_failure
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.model: LlamaModel | None = None
@@ -193,6 +202,8 @@ class Engine:
     def stop(self) -> None:
         self._stopping = True
         self._incoming.put(None)
+        if self.state is EngineState.LOADING:
+            return  # a download may take minutes; the daemon thread ends with the process
         self._thread.join()
 
     @property
@@ -232,20 +243,23 @@ class Engine:
 
     def _run(self) -> None:
         try:
-            self.model = LlamaModel(self.model_path, self.settings)
+            path = self.fetch_model()
+            self.model = LlamaModel(path, self.settings)
             self.template = ChatTemplate(
                 self.model.chat_template(),
                 bos_token=self.model.token_text(self.model.bos),
                 eos_token=self.model.token_text(llama.llama_vocab_eos(self.model.vocab)),
             )
         except Exception as exc:
-            self.error = f"loading {self.model_path.name} failed: {exc}"
+            self.error = f"the model could not be loaded: {exc}"
             self.state = EngineState.FAILED
             log.error("%s", self.error)
+            if self.on_failure:
+                self.on_failure(self.error)
             return
         log.info(
             "model ready: %s (%s), context %d tokens x %d slots, %d threads%s",
-            self.model_path.name,
+            path.name,
             self.model.description,
             self.model.n_ctx_seq,
             self.model.n_seq,
