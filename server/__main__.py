@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             n_threads=settings.effective_threads,
             n_gpu_layers=settings.gpu_layers,
         ),
+        max_queue=settings.max_queue,
         on_failure=stop_serving,
     )
     log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)

@@ -1,4 +1,4 @@
-"""One log line per request: method, path, status, tokens and time taken."""
+"""One log line per request (method, path, status, tokens, time taken), and its metrics."""
 
 from __future__ import annotations
 
@@ -7,12 +7,15 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .metrics import ServerMetrics
+
 log = logging.getLogger("server.access")
 
 
 class AccessLog:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
         self.app = app
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -32,9 +35,13 @@ class AccessLog:
         finally:
             # The run handler leaves its Generation in request.state, which lives in the scope.
             generation = scope.get("state", {}).get("generation")
+            self.metrics.observe(status, generation)
             tokens = ""
             if generation is not None:
-                tokens = f" prompt_tokens={generation.prompt_tokens} completion_tokens={generation.completion_tokens}"
+                tokens = (
+                    f" prompt_tokens={generation.prompt_tokens} cached_tokens={generation.cached_tokens}"
+                    f" completion_tokens={generation.completion_tokens}"
+                )
             log.info(
                 "%s %s %d%s %.3fs",
                 scope["method"],

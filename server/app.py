@@ -11,12 +11,14 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Route
 
 from .access_log import AccessLog
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
+from .metrics import ServerMetrics
 from .model_store import ModelStore
 from .routes import TextGenerationRoutes
 
@@ -46,6 +48,10 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     text_generation = TextGenerationRoutes(engine, contracts, settings.max_body_bytes)
+    metrics = ServerMetrics(engine)
+
+    async def metrics_endpoint(_request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -56,8 +62,8 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             engine.stop()
 
     return Starlette(
-        routes=text_generation.routes(),
-        middleware=[Middleware(AccessLog)],
+        routes=[*text_generation.routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
+        middleware=[Middleware(AccessLog, metrics=metrics)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )

@@ -59,7 +59,8 @@ class Settings:
     ctx_size: int = 0
     threads: int = 0
     batch_size: int = 512
-    parallel: int = 1
+    parallel: int = 4
+    max_queue: int = 256
     gpu_layers: int = -1
     max_body_bytes: int = 4 * 1024 * 1024
     log_level: str = "info"
@@ -80,11 +81,16 @@ OPTIONS: dict[str, Option] = {
         "or hf:OWNER/REPO/FILE.gguf[@REVISION]",
     ),
     "ctx_size": Option(
-        "--ctx-size", "WAI_CTX_SIZE", "context window in tokens; 0 = the model's trained length, capped at 8192"
+        "--ctx-size",
+        "WAI_CTX_SIZE",
+        "context window of each slot in tokens; 0 = the model's trained length, capped at 8192",
     ),
     "threads": Option("--threads", "WAI_THREADS", "CPU threads for decoding; 0 = physical cores"),
     "batch_size": Option("--batch-size", "WAI_BATCH_SIZE", "most tokens handed to one llama_decode call"),
-    "parallel": Option("--parallel", "WAI_PARALLEL", "sequences decoded together (slots)"),
+    "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
+    "max_queue": Option(
+        "--max-queue", "WAI_MAX_QUEUE", "requests that may wait for a slot; past it, 429 at once; 0 = no bound"
+    ),
     "gpu_layers": Option(
         "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"
     ),

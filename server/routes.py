@@ -27,6 +27,7 @@ from .engine import (
     GenerationFailed,
     Prompt,
     PromptTooLong,
+    QueueFull,
     TextPrompt,
     Usage,
 )
@@ -46,11 +47,17 @@ from .errors import (
 CLIENT_CLOSED = 499
 
 
-def usage_payload(usage: Usage) -> dict[str, int]:
+CAPACITY_EXCEEDED = "Capacity temporarily exceeded, please try again."
+# Workers AI's header for keeping a conversation on the instance that holds its prompt cache.
+SESSION_HEADER = "x-session-affinity"
+
+
+def usage_payload(usage: Usage) -> dict[str, object]:
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
 
 
@@ -108,6 +115,7 @@ class TextGenerationRoutes:
             "status": state.value,
             "slots": self.engine.slots,
             "slots_busy": self.engine.busy_slots,
+            "queue_depth": self.engine.queue_depth,
             "context_per_slot": self.engine.context_per_slot,
         }
         if self.engine.error:
@@ -122,21 +130,25 @@ class TextGenerationRoutes:
         run = contract.parse(await read_json(request, self.max_body))
         if run.lora is not None:
             raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter named {run.lora!r}")
-        generation = await self._submit(run)
+        generation = await self._submit(run, request.headers.get(SESSION_HEADER))
         request.state.generation = generation
         if run.stream:
             return StreamingResponse(self._events(generation), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         return await self._complete(request, generation)
 
-    async def _submit(self, run: RunRequest) -> Generation:
+    async def _submit(self, run: RunRequest, session: str | None) -> Generation:
         try:
-            return await self.engine.submit(CompletionRequest(engine_prompt(run), run.sampling, run.max_tokens))
+            return await self.engine.submit(
+                CompletionRequest(engine_prompt(run), run.sampling, run.max_tokens, session=session)
+            )
         except PromptTooLong as exc:
             raise bad_input(f"Error: {exc}; shorten the input") from exc
         except ChatTemplateError as exc:
             raise bad_input(f"Error: {exc}") from exc
+        except QueueFull as exc:
+            raise ApiError(429, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
         except EngineNotReady as exc:
-            raise ApiError(503, OUT_OF_CAPACITY, f"Capacity temporarily exceeded, please try again. ({exc})") from exc
+            raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
 
     async def _complete(self, request: Request, generation: Generation) -> Response:
         collect = asyncio.ensure_future(generation.text())

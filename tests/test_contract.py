@@ -36,6 +36,11 @@ def assert_ok(response: httpx.Response) -> dict:
     return body["result"]
 
 
+def counts(usage: dict) -> tuple[int, int, int]:
+    """Token counts of a usage object, without the cache detail that depends on what ran before."""
+    return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]
+
+
 def bound_cases() -> list[tuple[str, str, str, object, object]]:
     """(branch, property, bound keyword, a value just past the bound, the bound itself) for every bound."""
     cases = []

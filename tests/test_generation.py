@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import TEST_CTX, run_url
-from test_contract import assert_error, assert_ok
+from test_contract import assert_error, assert_ok, counts
 
 # SmolLM2's own template (from its GGUF) adds this system turn when the conversation has none.
 SMOL_DEFAULT_SYSTEM = (
@@ -28,7 +28,7 @@ def test_prompt_mode_renders_the_models_template_with_prompt_as_user_turn(client
         client, prompt=SMOL_DEFAULT_SYSTEM + chatml(("user", "Name a colour.")), raw=True, temperature=0, max_tokens=16
     )
     assert templated["response"] == raw["response"]
-    assert templated["usage"] == raw["usage"]
+    assert counts(templated["usage"]) == counts(raw["usage"])
     assert templated["response"].strip()
 
 
@@ -49,7 +49,8 @@ def test_messages_mode_renders_every_role(client):
     ]
     messages = run(client, messages=[{"role": r, "content": c} for r, c in turns], temperature=0, max_tokens=12)
     raw = run(client, prompt=chatml(*turns), raw=True, temperature=0, max_tokens=12)
-    assert messages == raw
+    assert messages["response"] == raw["response"]
+    assert counts(messages["usage"]) == counts(raw["usage"])
 
 
 def test_usage_adds_up(client):
@@ -158,4 +159,4 @@ def test_prompt_beyond_the_context_is_refused_before_any_work(client):
 def test_image_is_accepted_and_ignored(client):
     with_image = run(client, prompt="Say hi.", temperature=0, max_tokens=6, image=[0, 255, 128])
     without = run(client, prompt="Say hi.", temperature=0, max_tokens=6)
-    assert with_image == without
+    assert with_image["response"] == without["response"]

@@ -7,14 +7,12 @@ from .engine import (
     Engine,
     EngineNotReady,
     EngineState,
-    FinishReason,
-    Generation,
-    GenerationFailed,
     Prompt,
     PromptTooLong,
+    QueueFull,
     TextPrompt,
-    Usage,
 )
+from .generation import FinishReason, Generation, GenerationFailed, Usage
 from .llama_model import ContextSettings
 from .sampler import SamplingParams
 
@@ -31,6 +29,7 @@ __all__ = [
     "GenerationFailed",
     "Prompt",
     "PromptTooLong",
+    "QueueFull",
     "SamplingParams",
     "TextPrompt",
     "Usage",

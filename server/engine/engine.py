@@ -1,20 +1,26 @@
 """The engine: one thread owns the llama.cpp model and context and serves every request through slots.
 
-Requests become jobs; the engine thread admits them into free slots and runs one `llama_decode` per step over
-every busy slot together: the next token of each generating slot, plus chunks of newly admitted prompts in the
-room left over, so a long prompt never stalls the streams already running. Each slot samples with its own
-native sampler chain. The asyncio side sees only `Engine.submit`, iteration over a `Generation`, and
-`Generation.cancel`.
+Requests become jobs in a bounded wait queue. The engine thread admits them into free slots and, at each step,
+runs one `llama_decode` over the next token of every generating slot together (continuous batching), then
+computes blocks of newly admitted prompts within the step's token budget, so a long prompt never stalls the
+streams already running for more than a step. Each slot samples with its own native sampler chain.
+
+A slot keeps its KV cache after a request ends. A new request goes to the free slot that already holds the
+longest prefix of its prompt (or to its conversation's slot, named by a session key), and only the rest of
+the prompt is computed.
+
+The asyncio side sees `Engine.submit`, iteration over a `Generation`, and `Generation.cancel`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import codecs
+import itertools
 import logging
-import queue
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -23,10 +29,18 @@ from typing import Any
 import llama_cpp as llama
 
 from .chat_template import ChatTemplate
+from .generation import Failed, Finished, FinishReason, Generation
 from .llama_model import ContextSettings, DecodeError, LlamaModel
 from .sampler import Sampler, SamplingParams
 
 log = logging.getLogger("server.engine")
+
+# Prompts are computed in blocks of this many tokens, aligned to absolute positions, each in a decode call of its
+# own. llama.cpp's kernels do not give bit-identical results for every split of a prompt (attention takes a
+# different path for a handful of queries than for many), so a prompt split one way on a cold cache and another
+# way around a reused prefix could sample differently at temperature 0. With fixed blocks, every position is
+# computed the same way whatever was cached and whatever else runs, and a prefix reuse never changes output.
+PREFILL_BLOCK = 64
 
 
 @dataclass(frozen=True)
@@ -52,25 +66,14 @@ class CompletionRequest:
     prompt: Prompt
     sampling: SamplingParams
     max_tokens: int
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-class FinishReason(Enum):
-    STOP = "stop"  # the model ended its turn
-    LENGTH = "length"  # max_tokens, or the slot's context, ran out
-    CANCELLED = "cancelled"
+    session: str | None = None  # requests of one conversation share a key, so they land on its slot
 
 
 class EngineNotReady(Exception):
+    pass
+
+
+class QueueFull(Exception):
     pass
 
 
@@ -81,88 +84,46 @@ class PromptTooLong(Exception):
         self.limit = limit
 
 
-class GenerationFailed(Exception):
-    pass
-
-
-@dataclass
-class _Finished:
-    reason: FinishReason
-    completion_tokens: int
-
-
-@dataclass
-class _Failed:
-    message: str
-
-
-class Generation:
-    """A submitted request as the asyncio side sees it: iterate for text pieces, then read `usage`."""
-
-    def __init__(self, prompt_tokens: int, max_tokens: int, loop: asyncio.AbstractEventLoop) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
-        self.completion_tokens = 0
-        self.finish_reason: FinishReason | None = None
-        self.cancelled = False
-        self._loop = loop
-        self._events: asyncio.Queue[str | _Finished | _Failed] = asyncio.Queue()
-
-    @property
-    def usage(self) -> Usage:
-        return Usage(self.prompt_tokens, self.completion_tokens)
-
-    def cancel(self) -> None:
-        """Stop at the engine's next step and free the slot; safe to call at any time, more than once."""
-        self.cancelled = True
-
-    def __aiter__(self) -> AsyncIterator[str]:
-        return self._pieces()
-
-    async def _pieces(self) -> AsyncIterator[str]:
-        while self.finish_reason is None:
-            event = await self._events.get()
-            if isinstance(event, str):
-                yield event
-            elif isinstance(event, _Finished):
-                self.completion_tokens = event.completion_tokens
-                self.finish_reason = event.reason
-            else:
-                raise GenerationFailed(event.message)
-
-    async def text(self) -> str:
-        return "".join([piece async for piece in self])
-
-    # Called from the engine thread.
-    def _deliver(self, event: str | _Finished | _Failed) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:
-            pass  # the event loop has shut down; nobody is listening any more
-
-
-@dataclass
+@dataclass(eq=False)
 class _Job:
     tokens: list[int]
     sampling: SamplingParams
     generation: Generation
+    session: str | None
 
 
-@dataclass
+@dataclass(eq=False)
 class Slot:
-    """One sequence in the KV cache, serving one job at a time."""
+    """One sequence in the KV cache, serving one job at a time and remembering what its cache holds."""
 
     seq_id: int
     job: _Job | None = None
     sampler: Sampler | None = None
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence, in order
     pending: list[int] = field(default_factory=list)  # tokens to feed at the next steps
-    n_past: int = 0
     n_generated: int = 0
     text: codecs.IncrementalDecoder | None = None
+    session: str | None = None
+    last_used: int = 0
 
     @property
     def prefilling(self) -> bool:
         return self.job is not None and self.n_generated == 0
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def reusable(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """Prompt tokens whose cached KV can serve: whole blocks of the common prefix, never the last prompt token
+    (its logits are where generation starts, so it is always decoded again)."""
+    return min(common_prefix(cached, prompt), len(prompt) - 1) // PREFILL_BLOCK * PREFILL_BLOCK
 
 
 class EngineState(Enum):
@@ -180,19 +141,23 @@ class Engine:
         self,
         fetch_model: Callable[[], Path],
         settings: ContextSettings,
+        max_queue: int = 0,
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.fetch_model = fetch_model
         self.settings = settings
+        self.max_queue = max_queue  # 0: unbounded
         self.on_failure = on_failure
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.model: LlamaModel | None = None
         self.template: ChatTemplate | None = None
-        self._incoming: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._waiting: deque[_Job] = deque()
+        self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._stopping = False
         self._slots: list[Slot] = []
+        self._clock = itertools.count(1)
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -200,8 +165,9 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
-        self._stopping = True
-        self._incoming.put(None)
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
         if self.state is EngineState.LOADING:
             return  # a download may take minutes; the daemon thread ends with the process
         self._thread.join()
@@ -216,6 +182,10 @@ class Engine:
         return sum(1 for slot in self._slots if slot.job is not None)
 
     @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
     def context_per_slot(self) -> int:
         return self.model.n_ctx_seq if self.model else 0
 
@@ -228,7 +198,7 @@ class Engine:
         return self.model.tokenize(self.template.render(prompt.messages, prompt.tools))
 
     async def submit(self, request: CompletionRequest) -> Generation:
-        """Queue a request; raises PromptTooLong (before anything is generated) when it cannot fit."""
+        """Queue a request. Raises PromptTooLong or QueueFull at once, before anything is generated."""
         if self.state is not EngineState.READY:
             raise EngineNotReady(self.error or "the model is still loading")
         tokens = await asyncio.to_thread(self.prompt_tokens, request.prompt)
@@ -236,8 +206,25 @@ class Engine:
         if room < 1:
             raise PromptTooLong(len(tokens), self.context_per_slot)
         generation = Generation(len(tokens), min(request.max_tokens, room), asyncio.get_running_loop())
-        self._incoming.put(_Job(tokens, request.sampling, generation))
+        job = _Job(tokens, request.sampling, generation, request.session)
+        with self._wake:
+            free_slots = self.slots - self.busy_slots
+            if self.max_queue and len(self._waiting) - free_slots >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._waiting.append(job)
+            generation.on_cancel = lambda: self._withdraw(job)
+            self._wake.notify()
         return generation
+
+    def _withdraw(self, job: _Job) -> None:
+        # A request whose client left while it waited never takes a slot. One already in a slot is
+        # stopped by the engine thread at its next step, which sees `cancelled`.
+        with self._wake:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+        job.generation.deliver(Finished(FinishReason.CANCELLED, 0))
 
     # -- engine thread --------------------------------------------------------------------------------------
 
@@ -270,84 +257,104 @@ class Engine:
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
         self.state = EngineState.READY
         try:
-            while not self._stopping:
-                self._admit(slots)
-                if any(slot.job for slot in slots):
-                    self._step(slots, batch)
+            while self._admit(slots):
+                self._step(slots, batch)
         finally:
             for slot in slots:
                 if slot.job:
-                    self._finish(slot, _Failed("the server is shutting down"))
+                    self._finish(slot, Failed("the server is shutting down"))
             llama.llama_batch_free(batch)
             self.model.close()
             self.state = EngineState.STOPPED
 
-    def _admit(self, slots: list[Slot]) -> None:
-        idle = all(slot.job is None for slot in slots)
-        for slot in slots:
-            if slot.job is not None:
-                continue
-            try:
-                # Block only when there is nothing else to do.
-                job = self._incoming.get(timeout=None) if idle else self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            idle = False
-            if job is None:
-                self._stopping = True
-                return
-            if job.generation.cancelled:
-                job.generation._deliver(_Finished(FinishReason.CANCELLED, 0))
-                continue
-            self._assign(slot, job)
+    def _admit(self, slots: list[Slot]) -> bool:
+        """Move waiting jobs into free slots, sleeping while there is nothing at all to do. False: stop."""
+        with self._wake:
+            while not self._stopping and not self._waiting and not any(slot.job for slot in slots):
+                self._wake.wait()
+            if self._stopping:
+                return False
+            while self._waiting:
+                free = [slot for slot in slots if slot.job is None]
+                if not free:
+                    break
+                job = self._waiting.popleft()
+                self._assign(self._pick_slot(free, job), job)
+        return True
+
+    @staticmethod
+    def _pick_slot(free: list[Slot], job: _Job) -> Slot:
+        if job.session is not None:
+            for slot in free:
+                if slot.session == job.session:
+                    return slot
+        # The most reusable blocks win; among equals, a slot no conversation claims, then the stalest.
+        return max(free, key=lambda s: (reusable(s.cached, job.tokens), s.session is None, -s.last_used))
 
     def _assign(self, slot: Slot, job: _Job) -> None:
         assert self.model is not None
+        reuse = reusable(slot.cached, job.tokens)
+        self.model.forget(slot.seq_id, reuse)
+        del slot.cached[reuse:]
+        slot.pending = job.tokens[reuse:]
         slot.job = job
         slot.sampler = Sampler(self.model, job.sampling)
-        slot.pending = list(job.tokens)
-        slot.n_past = 0
         slot.n_generated = 0
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.model.forget(slot.seq_id)
+        slot.session = job.session
+        slot.last_used = next(self._clock)
+        job.generation.cached_tokens = reuse
 
     def _step(self, slots: list[Slot], batch: llama.llama_batch) -> None:
         assert self.model is not None
         for slot in slots:
             if slot.job and slot.job.generation.cancelled:
-                self._finish(slot, _Finished(FinishReason.CANCELLED, slot.n_generated))
+                self._finish(slot, Finished(FinishReason.CANCELLED, slot.n_generated))
 
+        # Every running stream advances one token per step, in one decode call of its own...
+        generating = [slot for slot in slots if slot.job and not slot.prefilling]
+        if generating:
+            self._decode(batch, [(slot, slot.pending[:1]) for slot in generating])
+
+        # ...then prompts advance in whole blocks, one decode call per block, within the step's budget.
         budget = self.model.n_batch
-        outputs: list[tuple[Slot, int]] = []
+        for slot in sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used):
+            while slot.job and slot.prefilling:
+                block_end = (len(slot.cached) // PREFILL_BLOCK + 1) * PREFILL_BLOCK
+                take = min(block_end - len(slot.cached), len(slot.pending))
+                if take > budget:
+                    return
+                budget -= take
+                self._decode(batch, [(slot, slot.pending[:take])])
+
+    def _decode(self, batch: llama.llama_batch, work: list[tuple[Slot, list[int]]]) -> None:
+        """One llama_decode over `work`; each slot whose pending tokens all went in samples its next token."""
+        assert self.model is not None
         n = 0
-        # Generating slots first, one token each, so running streams advance every step; prompts share the rest.
-        for slot in sorted((s for s in slots if s.job), key=lambda s: s.prefilling):
-            take = min(len(slot.pending), budget - n)
-            if take <= 0:
-                continue
-            for i, token in enumerate(slot.pending[:take]):
+        outputs: list[tuple[Slot, int]] = []
+        for slot, tokens in work:
+            position = len(slot.cached)
+            for i, token in enumerate(tokens):
                 batch.token[n] = token
-                batch.pos[n] = slot.n_past + i
+                batch.pos[n] = position + i
                 batch.n_seq_id[n] = 1
                 batch.seq_id[n][0] = slot.seq_id
                 batch.logits[n] = False
                 n += 1
-            del slot.pending[:take]
-            slot.n_past += take
+            slot.cached.extend(tokens)
+            del slot.pending[: len(tokens)]
             if not slot.pending:
                 batch.logits[n - 1] = True
                 outputs.append((slot, n - 1))
         batch.n_tokens = n
-
         try:
             self.model.decode(batch)
         except DecodeError as exc:
             log.error("decode failed: %s", exc)
-            for slot in slots:
+            for slot, _ in work:
                 if slot.job:
-                    self._finish(slot, _Failed(f"generation failed: {exc}"))
+                    self._finish(slot, Failed(f"generation failed: {exc}"))
             return
-
         for slot, index in outputs:
             self._advance(slot, index)
 
@@ -356,25 +363,27 @@ class Engine:
         generation = slot.job.generation
         token = slot.sampler.sample(self.model, index)
         if self.model.is_end_of_generation(token):
-            self._finish(slot, _Finished(FinishReason.STOP, slot.n_generated))
+            self._finish(slot, Finished(FinishReason.STOP, slot.n_generated))
             return
         slot.n_generated += 1
-        # Written from this thread for the request log, which may read it after the client has gone.
         generation.completion_tokens = slot.n_generated
         text = slot.text.decode(self.model.piece(token))
         if text:
-            generation._deliver(text)
+            generation.deliver(text)
         if slot.n_generated >= generation.max_tokens:
-            self._finish(slot, _Finished(FinishReason.LENGTH, slot.n_generated))
+            self._finish(slot, Finished(FinishReason.LENGTH, slot.n_generated))
         else:
             slot.pending.append(token)
 
-    def _finish(self, slot: Slot, outcome: _Finished | _Failed) -> None:
+    def _finish(self, slot: Slot, outcome: Finished | Failed) -> None:
         assert self.model is not None and slot.job is not None
         # Bytes still held by the decoder are a character cut off by max_tokens: dropped, not sent as U+FFFD.
-        slot.job.generation._deliver(outcome)
+        slot.job.generation.deliver(outcome)
         if slot.sampler:
             slot.sampler.close()
-        self.model.forget(slot.seq_id)
+        if isinstance(outcome, Failed):
+            # What the failed decode left in the cache is unknown; start this slot afresh.
+            self.model.forget(slot.seq_id)
+            slot.cached.clear()
         slot.job, slot.sampler, slot.text = None, None, None
         slot.pending = []

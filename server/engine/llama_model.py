@@ -51,7 +51,7 @@ class DecodeError(Exception):
 
 @dataclass(frozen=True)
 class ContextSettings:
-    n_ctx: int  # 0: the model's trained length, capped at DEFAULT_CTX_CAP
+    n_ctx: int  # tokens per slot; 0: the model's trained length, capped at DEFAULT_CTX_CAP
     n_batch: int
     n_seq: int
     n_threads: int
@@ -78,14 +78,14 @@ class LlamaModel:
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
 
         ctx_params = llama.llama_context_default_params()
-        n_ctx = settings.n_ctx or min(self.n_ctx_train, DEFAULT_CTX_CAP)
+        # Each slot gets its own n_ctx cells (kv_unified off), so one long conversation cannot starve the others.
+        n_ctx = (settings.n_ctx or min(self.n_ctx_train, DEFAULT_CTX_CAP)) * settings.n_seq
         ctx_params.n_ctx = n_ctx
         ctx_params.n_batch = settings.n_batch
         ctx_params.n_ubatch = settings.n_batch
         ctx_params.n_seq_max = settings.n_seq
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
-        # Each slot gets its own n_ctx / n_seq cells, so one long conversation cannot starve the others.
         ctx_params.kv_unified = False
         ctx_params.no_perf = True
         self.ctx = llama.llama_init_from_model(self.model, ctx_params)

@@ -1,0 +1,166 @@
+"""Continuous batching, prefix reuse, session affinity, backpressure and metrics, over HTTP."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import ServerProcess, run_url
+from test_contract import assert_error, assert_ok
+from test_generation import COUNTING
+
+from server.engine.engine import PREFILL_BLOCK
+
+PROMPTS = [
+    "Tell me a story about a cat.",
+    "What is the capital of France? Explain.",
+    "Write a poem about rain.",
+    "List five fruits and describe them.",
+    "How do airplanes fly?",
+    "Describe a sunrise over the sea.",
+]
+
+
+def complete(url: str, prompt: str, **extra) -> dict:
+    body = {"prompt": prompt, "temperature": 0, "max_tokens": 32, **extra}
+    return assert_ok(httpx.post(url + run_url(), json=body, timeout=120))
+
+
+def test_concurrent_requests_produce_what_they_produce_alone(server):
+    alone = [complete(server.url, p)["response"] for p in PROMPTS]
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = list(pool.map(lambda p: complete(server.url, p)["response"], PROMPTS))
+    assert together == alone
+
+
+def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
+    expected = complete(server.url, PROMPTS[0], max_tokens=48)["response"]
+    long_prompt = "The history of the world, told briefly: " + "and then more happened, " * 120
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(complete, server.url, PROMPTS[0], max_tokens=48)
+        time.sleep(0.2)
+        joining = pool.submit(complete, server.url, long_prompt, raw=True, max_tokens=8)
+        assert running.result()["response"] == expected
+        assert joining.result()["usage"]["prompt_tokens"] > 500
+
+
+def test_shared_prefix_is_reused_and_reported(client):
+    system = "You are a meticulous assistant. " * 20
+    turn = [{"role": "system", "content": system}, {"role": "user", "content": "Name a prime number."}]
+    first = assert_ok(client.post(run_url(), json={"messages": turn, "temperature": 0, "max_tokens": 12}))
+    turn2 = [{"role": "system", "content": system}, {"role": "user", "content": "Name an even number."}]
+    second = assert_ok(client.post(run_url(), json={"messages": turn2, "temperature": 0, "max_tokens": 12}))
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    # The whole system turn (well over 100 tokens) came from the cache, the differing user turn did not.
+    assert 100 < cached < second["usage"]["prompt_tokens"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] < cached
+    # Reuse changes no output: the same request again gives the same answer from an almost fully cached prompt.
+    again = assert_ok(client.post(run_url(), json={"messages": turn, "temperature": 0, "max_tokens": 12}))
+    assert again["response"] == first["response"]
+    # All but the last token could be reused; reuse stops at a 64-token block boundary (see PREFILL_BLOCK).
+    reusable = (first["usage"]["prompt_tokens"] - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == reusable
+
+
+def test_session_affinity_keeps_a_conversation_on_its_slot(server, client):
+    background = "I work on compilers, and I like long walks, tea, and chess. " * 10
+    history = [{"role": "user", "content": f"My name is Ada. {background} Remember my name."}]
+    headers = {"x-session-affinity": "conversation-ada"}
+    first = assert_ok(
+        client.post(run_url(), json={"messages": history, "temperature": 0, "max_tokens": 16}, headers=headers)
+    )
+    # Other users' requests, on slots of their own, come in between.
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda p: complete(server.url, p, max_tokens=4), PROMPTS[:3]))
+    history += [
+        {"role": "assistant", "content": first["response"]},
+        {"role": "user", "content": "What is my name?"},
+    ]
+    second = assert_ok(
+        client.post(run_url(), json={"messages": history, "temperature": 0, "max_tokens": 8}, headers=headers)
+    )
+    reusable = first["usage"]["prompt_tokens"] // PREFILL_BLOCK * PREFILL_BLOCK
+    assert reusable >= PREFILL_BLOCK
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= reusable
+
+
+@pytest.fixture(scope="module")
+def tight_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("tight") / "server.log"
+    proc = ServerProcess(log, "--parallel", "1", "--max-queue", "1", "--ctx-size", "1024")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def wait_for(url: str, key: str, value: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/health").json()[key] == value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{key} never reached {value}: {httpx.get(url + '/health').json()}")
+
+
+def long_stream(url: str, opened: threading.Event, stop: threading.Event) -> None:
+    body = {"prompt": COUNTING, "raw": True, "temperature": 0, "max_tokens": 900, "stream": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", url + run_url(), json=body) as response:
+        opened.set()
+        for _ in response.iter_bytes():
+            if stop.is_set():
+                return
+
+
+def test_full_queue_answers_429_at_once_and_drops_clients_that_leave(tight_server):
+    url = tight_server.url
+    stop = threading.Event()
+    first, second = threading.Event(), threading.Event()
+    runner = threading.Thread(target=long_stream, args=(url, first, stop))
+    waiter = threading.Thread(target=long_stream, args=(url, second, stop))
+    runner.start()
+    wait_for(url, "slots_busy", 1)
+    waiter.start()
+    wait_for(url, "queue_depth", 1)
+
+    refused = httpx.post(url + run_url(), json={"prompt": "Say hi.", "max_tokens": 2}, timeout=30)
+    assert_error(refused, 429, 3040, "Capacity temporarily exceeded")
+
+    stop.set()  # both clients hang up: the waiting one leaves the queue, the running one frees its slot
+    runner.join(30)
+    waiter.join(30)
+    wait_for(url, "queue_depth", 0)
+    wait_for(url, "slots_busy", 0)
+    assert assert_ok(httpx.post(url + run_url(), json={"prompt": "Say hi.", "max_tokens": 2}, timeout=30))
+
+
+def metric(text: str, name: str, labels: str = "") -> float:
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+def test_metrics(client):
+    before = client.get("/metrics").text
+    assert_ok(client.post(run_url(), json={"prompt": "Say hi.", "max_tokens": 5, "stream": False}))
+    with client.stream("POST", run_url(), json={"prompt": "Say hello.", "max_tokens": 5, "stream": True}) as r:
+        r.read()
+    client.post(run_url(), json={"prompt": ""})  # a 400
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    ok = 'workers_ai_requests_total{status="200"}'
+    assert metric(text, ok) >= metric(before, ok) + 2
+    assert metric(text, "workers_ai_requests_total", '{status="400"}') >= 1
+    assert metric(text, "workers_ai_prompt_tokens_total") > metric(before, "workers_ai_prompt_tokens_total")
+    assert metric(text, "workers_ai_completion_tokens_total") > metric(before, "workers_ai_completion_tokens_total")
+    assert metric(text, "workers_ai_time_to_first_token_seconds_count") >= 2
+    assert metric(text, "workers_ai_inter_token_seconds_count") >= 2
+    assert metric(text, "workers_ai_queue_depth") == 0
+    assert metric(text, "workers_ai_slots") >= 1
+    assert metric(text, "workers_ai_slots_busy") >= 0
