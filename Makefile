@@ -38,8 +38,15 @@ lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check server tests bench
 	$(BIN)/python -m ruff format --check server tests bench
 
-bench: $(VENV)/.installed-test
-	$(BIN)/python bench/single_stream.py $(ARGS)
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,bench]'
+	touch $@
+
+# Speed checks (not tests): single stream against bare llama.cpp, then concurrency against llama-server.
+bench: $(VENV)/.installed-bench
+	$(BIN)/python bench/single_stream.py
+	bash bench/build_llama_server.sh
+	$(BIN)/python bench/concurrency.py
 
 # Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
 cuda: $(VENV)/.installed

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 import string
 
 # Workers AI pads each event with a random-length `p` field so that event sizes do not reveal token lengths.
 _PAD_ALPHABET = string.ascii_letters + string.digits
 _MAX_PAD = 24
-_pad_rng = random.SystemRandom()
+# Seeded from the OS once; SystemRandom would make a system call per padding character, on every token.
+_pad_rng = random.Random(secrets.randbits(64))
 
 DONE = b"data: [DONE]\n\n"
 MEDIA_TYPE = "text/event-stream"

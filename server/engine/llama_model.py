@@ -99,6 +99,7 @@ class LlamaModel:
         self.n_seq = settings.n_seq
         self.n_threads = settings.n_threads
         self.bos = llama.llama_vocab_bos(self.vocab)
+        self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self.description = self._string(lambda buf, n: llama.llama_model_desc(self.model, buf, n))
 
@@ -142,12 +143,17 @@ class LlamaModel:
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for; control tokens (EOS, headers) render as nothing."""
+        # Memoised: this runs once per generated token, and a vocabulary's pieces never change.
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
         buf = ctypes.create_string_buffer(64)
         n = llama.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
             n = llama.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
-        return buf.raw[:n]
+        self._pieces[token] = piece = buf.raw[:n]
+        return piece
 
     def is_end_of_generation(self, token: int) -> bool:
         return bool(llama.llama_vocab_is_eog(self.vocab, token))

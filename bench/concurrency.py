@@ -1,0 +1,332 @@
+"""Concurrent streaming clients against this server, llama.cpp's llama-server and llama_cpp.server, in one run.
+
+Same model, threads, slots and prompts for all three; each server is spoken to in its own streaming API:
+  this server        POST /ai/run/@cf/meta/llama-3.1-8b-instruct-fast  (Workers AI SSE)
+  llama-server       POST /completion                                  (llama.cpp's native SSE), built by
+                     bench/build_llama_server.sh from the llama.cpp sources the pinned llama-cpp-python vendors
+  llama_cpp.server   POST /v1/completions                              (OpenAI SSE), with its defaults
+
+All three servers stay up; each concurrency level runs every server in turn (the order rotates per level) so
+noise on this shared machine lands on all of them alike. Every client streams `--requests` greedy completions
+of `--tokens` tokens from prompts that count upwards (the model does not stop early), each client from its own
+starting number. Reported per server and concurrency: aggregate completion tokens/s (all tokens over wall
+time), time to first token p50/p95, inter-token gap p50, and failed or truncated requests. Writes a Markdown
+table, a JSON file and a PNG plot of tokens/s against concurrency to bench/results/.
+
+    .venv/bin/python bench/concurrency.py [--model SOURCE] [--threads N] [--slots 16] [--levels 1,4,8,16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from server.config import CATALOG_PATH, PROJECT_ROOT, physical_cores
+from server.model_store import ModelStore
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+LLAMA_SERVER = PROJECT_ROOT / "bench" / ".llama-server" / "bin" / "llama-server"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def counting_prompt(start: int) -> str:
+    return ", ".join(str(n) for n in range(start, start + 16)) + ","
+
+
+@dataclass
+class Result:
+    tokens: int = 0
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    ok: bool = False
+    error: str = ""
+
+
+@dataclass
+class Contender:
+    name: str
+    command: list[str]
+    port: int
+    request: Callable[[str, int], tuple[str, dict]]  # prompt, max tokens -> path, body
+    text_of: Callable[[dict], str | None]  # an SSE event's text, or None when it carries none
+    is_end: Callable[[str], bool]  # the raw data line that closes a stream
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log: Path) -> None:
+        self.process = subprocess.Popen(self.command, cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, health: str) -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert self.process and self.process.poll() is None, f"{self.name} exited"
+            try:
+                if httpx.get(self.url + health, timeout=2).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        raise SystemExit(f"{self.name} did not become ready")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+    def stream(self, client: httpx.Client, prompt: str, tokens: int) -> Result:
+        path, body = self.request(prompt, tokens)
+        result = Result()
+        started = time.perf_counter()
+        last = None
+        try:
+            with client.stream("POST", self.url + path, json=body, timeout=600) as response:
+                if response.status_code != 200:
+                    result.error = f"HTTP {response.status_code}"
+                    return result
+                for line in response.iter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if self.is_end(data):
+                        result.ok = True
+                        if data.startswith("{"):  # llama-server's closing event may carry text too
+                            self._count(json.loads(data), result, started, last)
+                        break
+                    last = self._count(json.loads(data), result, started, last)
+        except httpx.HTTPError as exc:
+            result.error = type(exc).__name__
+        return result
+
+    def _count(self, event: dict, result: Result, started: float, last: float | None) -> float | None:
+        text = self.text_of(event)
+        if not text:
+            return last
+        now = time.perf_counter()
+        if last is None:
+            result.ttft = now - started
+        else:
+            result.gaps.append(now - last)
+        result.tokens += 1
+        return now
+
+
+def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int) -> Iterator[Contender]:
+    ours = free_port()
+    yield Contender(
+        "this server",
+        [
+            sys.executable,
+            "-m",
+            "server",
+            "--port",
+            str(ours),
+            "--model",
+            source,
+            "--threads",
+            str(threads),
+            "--parallel",
+            str(slots),
+            "--ctx-size",
+            str(ctx),
+            "--max-queue",
+            "0",
+            "--log-level",
+            "warning",
+        ],
+        ours,
+        lambda p, n: (
+            "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast",
+            {"prompt": p, "raw": True, "stream": True, "temperature": 0, "max_tokens": n},
+        ),
+        lambda e: e.get("response"),
+        lambda d: d == "[DONE]",
+    )
+    if LLAMA_SERVER.exists():
+        port = free_port()
+        yield Contender(
+            "llama-server",
+            [
+                str(LLAMA_SERVER),
+                "-m",
+                str(model_path),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "-t",
+                str(threads),
+                "-tb",
+                str(threads),
+                "-np",
+                str(slots),
+                "-c",
+                str(slots * ctx),
+                "--no-webui",
+            ],
+            port,
+            lambda p, n: (
+                "/completion",
+                {"prompt": p, "n_predict": n, "temperature": 0, "stream": True, "cache_prompt": True},
+            ),
+            lambda e: e.get("content"),
+            lambda d: d.startswith("{") and json.loads(d).get("stop") is True,
+        )
+    else:
+        print(f"skipping llama-server: {LLAMA_SERVER} missing (run bench/build_llama_server.sh)", file=sys.stderr)
+    port = free_port()
+    yield Contender(
+        "llama_cpp.server",
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            "--n_ctx",
+            str(ctx),
+        ],
+        port,
+        lambda p, n: ("/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0, "stream": True}),
+        lambda e: (e.get("choices") or [{}])[0].get("text"),
+        lambda d: d == "[DONE]",
+    )
+
+
+def run_level(contender: Contender, concurrency: int, requests: int, tokens: int, first: int = 1) -> dict:
+    results: list[Result] = []
+    lock = threading.Lock()
+
+    def client(index: int) -> None:
+        with httpx.Client() as http:
+            for r in range(requests):
+                result = contender.stream(http, counting_prompt(first + 1000 * index + 100 * r), tokens)
+                with lock:
+                    results.append(result)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    ttfts = sorted(r.ttft for r in results if r.ttft is not None)
+    gaps = [g for r in results for g in r.gaps]
+    return {
+        "tokens_per_s": sum(r.tokens for r in results) / wall,
+        "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+        "ttft_p95_ms": 1000 * ttfts[min(len(ttfts) - 1, int(0.95 * len(ttfts)))] if ttfts else None,
+        "itl_p50_ms": 1000 * statistics.median(gaps) if gaps else None,
+        "failed": sum(1 for r in results if not r.ok),
+        "truncated": sum(1 for r in results if r.ok and r.tokens < tokens),
+        "requests": len(results),
+    }
+
+
+def fmt(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--model", default="smollm2-135m-instruct")
+    cli.add_argument("--threads", type=int, default=physical_cores())
+    cli.add_argument("--slots", type=int, default=16, help="--parallel / -np for the batching servers")
+    cli.add_argument("--ctx", type=int, default=512, help="context per slot")
+    cli.add_argument("--levels", default="1,4,8,16")
+    cli.add_argument("--requests", type=int, default=2, help="requests per client at each level")
+    cli.add_argument("--tokens", type=int, default=128)
+    args = cli.parse_args()
+    levels = [int(n) for n in args.levels.split(",")]
+
+    model_path = ModelStore(CATALOG_PATH).source(args.model).fetch()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    servers = list(contenders(model_path, args.model, args.threads, args.slots, args.ctx))
+    health = {"this server": "/health", "llama-server": "/health", "llama_cpp.server": "/v1/models"}
+    try:
+        for s in servers:
+            s.start(RESULTS / f"{s.name.replace(' ', '_')}.log")
+        for s in servers:
+            s.wait_ready(health[s.name])
+        for s in servers:  # warm-up, on a prompt no measured request uses
+            run_level(s, 1, 1, 16, first=500_000)
+        table: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
+        for i, level in enumerate(levels):
+            order = servers[i % len(servers) :] + servers[: i % len(servers)]
+            for s in order:
+                table[s.name][level] = run_level(s, level, args.requests, args.tokens)
+                print(f"{s.name:<17} c={level:<3} {table[s.name][level]}", file=sys.stderr)
+    finally:
+        for s in servers:
+            s.stop()
+
+    header = (
+        f"model {model_path.name}, {args.threads} threads, {args.slots} slots, {args.tokens} tokens per request, "
+        f"{args.requests} requests per client"
+    )
+    lines = [
+        header,
+        "",
+        "| server | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | failed | truncated |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rows in table.items():
+        for level, row in rows.items():
+            lines.append(
+                f"| {name} | {level} | {fmt(row['tokens_per_s'])} | {fmt(row['ttft_p50_ms'])} | "
+                f"{fmt(row['ttft_p95_ms'])} | {fmt(row['itl_p50_ms'], 2)} | {row['failed']} | "
+                f"{row['truncated']}/{row['requests']} |"
+            )
+    markdown = "\n".join(lines)
+    print(markdown)
+    (RESULTS / "concurrency.md").write_text(markdown + "\n")
+    (RESULTS / "concurrency.json").write_text(json.dumps({"settings": vars(args), "results": table}, indent=2))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, rows in table.items():
+        ax.plot(list(rows), [r["tokens_per_s"] for r in rows.values()], marker="o", label=name)
+    ax.set_xlabel("concurrent streaming clients")
+    ax.set_ylabel("aggregate completion tokens/s")
+    ax.set_xticks(levels)
+    ax.set_title(header, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "concurrency.png", dpi=120)
+    print(f"\nwrote {RESULTS / 'concurrency.md'}, {RESULTS / 'concurrency.png'}")
+
+
+if __name__ == "__main__":
+    main()
