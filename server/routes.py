@@ -117,6 +117,7 @@ class TextGenerationRoutes:
             "slots_busy": self.engine.busy_slots,
             "queue_depth": self.engine.queue_depth,
             "context_per_slot": self.engine.context_per_slot,
+            "prefill_block": self.engine.prefill_block,
         }
         if self.engine.error:
             body["error"] = self.engine.error

@@ -13,8 +13,6 @@ from conftest import ServerProcess, run_url
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
 
-from server.engine.engine import PREFILL_BLOCK
-
 PROMPTS = [
     "Tell me a story about a cat.",
     "What is the capital of France? Explain.",
@@ -49,6 +47,7 @@ def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
 
 
 def test_shared_prefix_is_reused_and_reported(client):
+    block = client.get("/health").json()["prefill_block"]
     system = "You are a meticulous assistant. " * 20
     turn = [{"role": "system", "content": system}, {"role": "user", "content": "Name a prime number."}]
     first = assert_ok(client.post(run_url(), json={"messages": turn, "temperature": 0, "max_tokens": 12}))
@@ -61,8 +60,8 @@ def test_shared_prefix_is_reused_and_reported(client):
     # Reuse changes no output: the same request again gives the same answer from an almost fully cached prompt.
     again = assert_ok(client.post(run_url(), json={"messages": turn, "temperature": 0, "max_tokens": 12}))
     assert again["response"] == first["response"]
-    # All but the last token could be reused; reuse stops at a 64-token block boundary (see PREFILL_BLOCK).
-    reusable = (first["usage"]["prompt_tokens"] - 1) // PREFILL_BLOCK * PREFILL_BLOCK
+    # All but the last token could be reused; reuse stops at a block boundary (see CPU_PREFILL_BLOCK).
+    reusable = (first["usage"]["prompt_tokens"] - 1) // block * block
     assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == reusable
 
 
@@ -83,8 +82,9 @@ def test_session_affinity_keeps_a_conversation_on_its_slot(server, client):
     second = assert_ok(
         client.post(run_url(), json={"messages": history, "temperature": 0, "max_tokens": 8}, headers=headers)
     )
-    reusable = first["usage"]["prompt_tokens"] // PREFILL_BLOCK * PREFILL_BLOCK
-    assert reusable >= PREFILL_BLOCK
+    block = client.get("/health").json()["prefill_block"]
+    reusable = first["usage"]["prompt_tokens"] // block * block
+    assert reusable >= block
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= reusable
 
 
