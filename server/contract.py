@@ -42,6 +42,7 @@ class RunRequest:
     sampling: SamplingParams
     tools: list[dict[str, Any]] | None
     lora: str | None
+    response_format: dict[str, Any] | None
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RunRequest:
@@ -68,8 +69,9 @@ class RunRequest:
                 frequency_penalty=number("frequency_penalty"),
                 presence_penalty=number("presence_penalty"),
             ),
-            tools=body.get("tools"),
+            tools=body.get("tools") or None,
             lora=body.get("lora"),
+            response_format=body.get("response_format"),
         )
 
 
@@ -132,4 +134,33 @@ class InputContract:
         # The schema leaves max_tokens unbounded below; a request for no tokens at all is a client bug.
         if request.max_tokens < 1:
             raise bad_input(f"Error: '/max_tokens' must be >= 1, got {request.max_tokens}")
+        if request.response_format is not None:
+            check_response_format(request)
         return request
+
+
+RESPONSE_FORMAT_TYPES = ("json_object", "json_schema")
+
+
+def check_response_format(request: RunRequest) -> None:
+    """JSON mode is not in this model's published schema (Workers AI documents it for its siblings), so its
+    shape is checked here."""
+    fmt = request.response_format
+    if not isinstance(fmt, dict) or fmt.get("type") not in RESPONSE_FORMAT_TYPES:
+        raise bad_input("Error: '/response_format/type' must be 'json_object' or 'json_schema'")
+    if fmt["type"] == "json_schema" and not isinstance(fmt.get("json_schema"), dict):
+        raise bad_input("Error: '/response_format/json_schema' must be an object holding the JSON Schema")
+    if request.stream:
+        raise bad_input("Error: JSON mode (response_format) does not support streaming; send stream: false")
+    if request.tools:
+        raise bad_input("Error: response_format and tools cannot be combined in one request")
+
+
+def response_schema(fmt: dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema an answer in JSON mode must validate against."""
+    if fmt["type"] == "json_object":
+        return {"type": "object"}
+    schema = fmt["json_schema"]
+    # OpenAI nests the schema as {"name", "schema"}; Workers AI's examples pass the schema itself.
+    inner = schema.get("schema")
+    return inner if isinstance(inner, dict) and "type" not in schema else schema

@@ -15,9 +15,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import sse
-from .contract import InputContract, RunRequest
+from .contract import InputContract
 from .engine import (
-    ChatPrompt,
     ChatTemplateError,
     CompletionRequest,
     Engine,
@@ -25,10 +24,9 @@ from .engine import (
     EngineState,
     Generation,
     GenerationFailed,
-    Prompt,
+    GrammarError,
     PromptTooLong,
     QueueFull,
-    TextPrompt,
     Usage,
 )
 from .errors import (
@@ -42,6 +40,8 @@ from .errors import (
     bad_input,
     success,
 )
+from .run_plan import RunPlan
+from .tools import ToolCalling
 
 # Not a status a server normally sends (nginx's "client closed request"); it only ever reaches the log.
 CLIENT_CLOSED = 499
@@ -59,15 +59,6 @@ def usage_payload(usage: Usage) -> dict[str, object]:
         "total_tokens": usage.total_tokens,
         "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
     }
-
-
-def engine_prompt(request: RunRequest) -> Prompt:
-    if request.messages is not None:
-        return ChatPrompt(request.messages)
-    assert request.prompt is not None
-    if request.raw:
-        return TextPrompt(request.prompt)
-    return ChatPrompt([{"role": "user", "content": request.prompt}])
 
 
 async def read_json(request: Request, limit: int) -> object:
@@ -131,17 +122,19 @@ class TextGenerationRoutes:
         run = contract.parse(await read_json(request, self.max_body))
         if run.lora is not None:
             raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter named {run.lora!r}")
-        generation = await self._submit(run, request.headers.get(SESSION_HEADER))
+        plan = RunPlan.build(run, native_tools=self.engine.native_tools)
+        generation = await self._submit(plan.completion(run, request.headers.get(SESSION_HEADER)))
         request.state.generation = generation
         if run.stream:
-            return StreamingResponse(self._events(generation), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        return await self._complete(request, generation)
+            events = self._events(generation, plan.tools)
+            return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        return await self._complete(request, generation, plan)
 
-    async def _submit(self, run: RunRequest, session: str | None) -> Generation:
+    async def _submit(self, completion: CompletionRequest) -> Generation:
         try:
-            return await self.engine.submit(
-                CompletionRequest(engine_prompt(run), run.sampling, run.max_tokens, session=session)
-            )
+            return await self.engine.submit(completion)
+        except GrammarError as exc:
+            raise bad_input(f"Error: {exc}") from exc
         except PromptTooLong as exc:
             raise bad_input(f"Error: {exc}; shorten the input") from exc
         except ChatTemplateError as exc:
@@ -151,7 +144,7 @@ class TextGenerationRoutes:
         except EngineNotReady as exc:
             raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
 
-    async def _complete(self, request: Request, generation: Generation) -> Response:
+    async def _complete(self, request: Request, generation: Generation, plan: RunPlan) -> Response:
         collect = asyncio.ensure_future(generation.text())
         disconnect = asyncio.ensure_future(wait_for_disconnect(request))
         try:
@@ -167,13 +160,26 @@ class TextGenerationRoutes:
             text = collect.result()
         except GenerationFailed as exc:
             raise ApiError(500, INTERNAL, str(exc)) from exc
-        return success({"response": text, "tool_calls": [], "usage": usage_payload(generation.usage)})
+        return success({**plan.result(text), "usage": usage_payload(generation.usage)})
 
     @staticmethod
-    async def _events(generation: Generation) -> AsyncIterator[bytes]:
+    async def _events(generation: Generation, tools: ToolCalling | None) -> AsyncIterator[bytes]:
+        held = ""  # with tools: text held back while it may still be the start of a call
         try:
             async for piece in generation:
-                yield sse.event({"response": piece})
+                if tools is None:
+                    yield sse.event({"response": piece})
+                    continue
+                held += piece
+                if held.strip() and not held.lstrip().startswith("{"):
+                    yield sse.event({"response": held})
+                    tools, held = None, ""
+            if held:
+                text, calls = tools.parse(held) if tools else (held, [])
+                if text:
+                    yield sse.event({"response": text})
+                if calls:
+                    yield sse.event({"response": "", "tool_calls": [call.payload() for call in calls]})
             yield sse.event({"response": "", "usage": usage_payload(generation.usage)})
             yield sse.DONE
         except GenerationFailed as exc:

@@ -13,6 +13,7 @@ from .engine import (
     TextPrompt,
 )
 from .generation import FinishReason, Generation, GenerationFailed, Usage
+from .grammar import Grammar, GrammarError, schema_grammar
 from .llama_model import ContextSettings
 from .sampler import SamplingParams
 
@@ -27,10 +28,13 @@ __all__ = [
     "FinishReason",
     "Generation",
     "GenerationFailed",
+    "Grammar",
+    "GrammarError",
     "Prompt",
     "PromptTooLong",
     "QueueFull",
     "SamplingParams",
     "TextPrompt",
     "Usage",
+    "schema_grammar",
 ]

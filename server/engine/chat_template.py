@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # llama.cpp's fallback for a GGUF without a template.
@@ -44,6 +44,8 @@ class ChatTemplate:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.source = source or CHATML
         self._template = env.from_string(self.source)
+        # Templates that render tool definitions themselves (Llama 3.1's) read a `tools` variable.
+        self.knows_tools = "tools" in meta.find_undeclared_variables(env.parse(self.source))
         self._bos_token = bos_token
         self._eos_token = eos_token
 

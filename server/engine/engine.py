@@ -30,8 +30,9 @@ import llama_cpp as llama
 
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
+from .grammar import Grammar
 from .llama_model import ContextSettings, DecodeError, LlamaModel
-from .sampler import Sampler, SamplingParams
+from .sampler import Sampler, SamplingParams, check_grammar
 
 log = logging.getLogger("server.engine")
 
@@ -70,6 +71,7 @@ class CompletionRequest:
     sampling: SamplingParams
     max_tokens: int
     session: str | None = None  # requests of one conversation share a key, so they land on its slot
+    grammar: Grammar | None = None
 
 
 class EngineNotReady(Exception):
@@ -90,9 +92,8 @@ class PromptTooLong(Exception):
 @dataclass(eq=False)
 class _Job:
     tokens: list[int]
-    sampling: SamplingParams
+    request: CompletionRequest
     generation: Generation
-    session: str | None
 
 
 @dataclass(eq=False)
@@ -190,6 +191,11 @@ class Engine:
         return len(self._waiting)
 
     @property
+    def native_tools(self) -> bool:
+        """Whether the model's chat template renders tool definitions and calls itself."""
+        return self.template is not None and self.template.knows_tools
+
+    @property
     def context_per_slot(self) -> int:
         return self.model.n_ctx_seq if self.model else 0
 
@@ -201,16 +207,22 @@ class Engine:
             return self.model.tokenize(prompt.text)
         return self.model.tokenize(self.template.render(prompt.messages, prompt.tools))
 
+    def _prepare(self, request: CompletionRequest) -> list[int]:
+        # A grammar llama.cpp cannot parse is refused here, before the request queues, not in the engine loop.
+        if request.grammar is not None and self.model is not None:
+            check_grammar(self.model, request.grammar)
+        return self.prompt_tokens(request.prompt)
+
     async def submit(self, request: CompletionRequest) -> Generation:
         """Queue a request. Raises PromptTooLong or QueueFull at once, before anything is generated."""
         if self.state is not EngineState.READY:
             raise EngineNotReady(self.error or "the model is still loading")
-        tokens = await asyncio.to_thread(self.prompt_tokens, request.prompt)
+        tokens = await asyncio.to_thread(self._prepare, request)
         room = self.context_per_slot - len(tokens)
         if room < 1:
             raise PromptTooLong(len(tokens), self.context_per_slot)
         generation = Generation(len(tokens), min(request.max_tokens, room), asyncio.get_running_loop())
-        job = _Job(tokens, request.sampling, generation, request.session)
+        job = _Job(tokens, request, generation)
         with self._wake:
             free_slots = self.slots - self.busy_slots
             if self.max_queue and len(self._waiting) - free_slots >= self.max_queue:
@@ -288,9 +300,10 @@ class Engine:
         return True
 
     def _pick_slot(self, free: list[Slot], job: _Job) -> Slot:
-        if job.session is not None:
+        session = job.request.session
+        if session is not None:
             for slot in free:
-                if slot.session == job.session:
+                if slot.session == session:
                     return slot
         # The most reusable blocks win; among equals, a slot no conversation claims, then the stalest.
         block = self.prefill_block
@@ -303,10 +316,10 @@ class Engine:
         del slot.cached[reuse:]
         slot.pending = job.tokens[reuse:]
         slot.job = job
-        slot.sampler = Sampler(self.model, job.sampling)
+        slot.sampler = Sampler(self.model, job.request.sampling, job.request.grammar)
         slot.n_generated = 0
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        slot.session = job.session
+        slot.session = job.request.session
         slot.last_used = next(self._clock)
         job.generation.cached_tokens = reuse
 

@@ -7,11 +7,13 @@ none of them.
 
 from __future__ import annotations
 
+import ctypes
 import secrets
 from dataclasses import dataclass
 
 import llama_cpp as llama
 
+from .grammar import Grammar, GrammarError
 from .llama_model import LlamaModel
 
 # llama.cpp treats this seed value as "pick one at random".
@@ -49,12 +51,16 @@ def native_seed(seed: int | None) -> int:
 class Sampler:
     """One request's sampler chain; it remembers the tokens it picked, which the penalties need."""
 
-    def __init__(self, model: LlamaModel, params: SamplingParams) -> None:
+    def __init__(self, model: LlamaModel, params: SamplingParams, grammar: Grammar | None = None) -> None:
         self.params = params
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.chain = llama.llama_sampler_chain_init(chain_params)
         add = self._add
+
+        if grammar is not None:
+            # First in the chain: tokens the grammar forbids never reach the penalties or the dice.
+            add(grammar_sampler(model, grammar))
 
         repeat = params.repetition_penalty
         freq = params.frequency_penalty or 0.0
@@ -74,6 +80,7 @@ class Sampler:
         add(llama.llama_sampler_init_dist(native_seed(params.seed)))
 
     def _add(self, sampler: llama.llama_sampler_p) -> None:
+        # The chain owns what is added and frees it with itself.
         llama.llama_sampler_chain_add(self.chain, sampler)
 
     def sample(self, model: LlamaModel, output_index: int) -> int:
@@ -84,3 +91,20 @@ class Sampler:
         if self.chain:
             llama.llama_sampler_free(self.chain)
             self.chain = None
+
+
+def grammar_sampler(model: LlamaModel, grammar: Grammar) -> llama.llama_sampler_p:
+    """llama.cpp's grammar sampler; raises GrammarError when llama.cpp cannot parse the grammar."""
+    gbnf = grammar.gbnf.encode()
+    if grammar.lazy_pattern is None:
+        sampler = llama.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
+    else:
+        patterns = (ctypes.c_char_p * 1)(grammar.lazy_pattern.encode())
+        sampler = llama.llama_sampler_init_grammar_lazy_patterns(model.vocab, gbnf, b"root", patterns, 1, None, 0)
+    if not sampler:
+        raise GrammarError("llama.cpp could not parse the grammar built for this request")
+    return sampler
+
+
+def check_grammar(model: LlamaModel, grammar: Grammar) -> None:
+    llama.llama_sampler_free(grammar_sampler(model, grammar))
