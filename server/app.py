@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -14,10 +15,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .access_log import AccessLog
+from .adapters import AdapterStore, BaseShape
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
+from .finetune_routes import FinetuneRoutes
 from .metrics import ServerMetrics
 from .model_store import ModelStore
 from .routes import TextGenerationRoutes
@@ -45,9 +48,20 @@ async def unexpected_error(request: Request, exc: Exception) -> Response:
     return ApiError(500, INTERNAL, "Internal server error").response()
 
 
+def base_shape(engine: Engine) -> BaseShape | None:
+    arch = engine.model_metadata("general.architecture")
+    heads = engine.model_metadata(f"{arch}.attention.head_count")
+    if arch is None or heads is None:
+        return None
+    kv_heads = engine.model_metadata(f"{arch}.attention.head_count_kv") or heads
+    return BaseShape(int(heads), int(kv_heads))
+
+
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
-    text_generation = TextGenerationRoutes(engine, contracts, settings.max_body_bytes)
+    adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
+    text_generation = TextGenerationRoutes(engine, contracts, adapters, settings.max_body_bytes)
+    finetunes = FinetuneRoutes(adapters, settings.max_body_bytes)
     metrics = ServerMetrics(engine)
 
     async def metrics_endpoint(_request: Request) -> Response:
@@ -62,7 +76,11 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             engine.stop()
 
     return Starlette(
-        routes=[*text_generation.routes(), Route("/metrics", metrics_endpoint, methods=["GET"])],
+        routes=[
+            *text_generation.routes(),
+            *finetunes.routes(),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
+        ],
         middleware=[Middleware(AccessLog, metrics=metrics)],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

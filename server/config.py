@@ -63,6 +63,7 @@ class Settings:
     max_queue: int = 256
     gpu_layers: int = -1
     max_body_bytes: int = 4 * 1024 * 1024
+    lora_dir: str = str(Path.home() / ".cache" / "workers-ai-local" / "lora")
     log_level: str = "info"
 
     @property
@@ -95,6 +96,9 @@ OPTIONS: dict[str, Option] = {
         "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"
     ),
     "max_body_bytes": Option("--max-body-bytes", "WAI_MAX_BODY_BYTES", "largest request body accepted"),
+    "lora_dir": Option(
+        "--lora-dir", "WAI_LORA_DIR", "LoRA adapters: <name>.gguf files, and fine-tunes uploaded through the API"
+    ),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
 }
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import sse
+from .adapters import AdapterError, AdapterStore
 from .contract import InputContract
 from .engine import (
     ChatTemplateError,
@@ -88,8 +90,11 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 class TextGenerationRoutes:
-    def __init__(self, engine: Engine, contracts: dict[str, InputContract], max_body: int) -> None:
+    def __init__(
+        self, engine: Engine, contracts: dict[str, InputContract], adapters: AdapterStore, max_body: int
+    ) -> None:
         self.engine = engine
+        self.adapters = adapters
         self.contracts = contracts
         self.max_body = max_body
 
@@ -120,15 +125,23 @@ class TextGenerationRoutes:
         if contract is None:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
         run = contract.parse(await read_json(request, self.max_body))
-        if run.lora is not None:
-            raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter named {run.lora!r}")
+        adapter = self._adapter(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, native_tools=self.engine.native_tools)
-        generation = await self._submit(plan.completion(run, request.headers.get(SESSION_HEADER)))
+        generation = await self._submit(plan.completion(run, request.headers.get(SESSION_HEADER), adapter))
         request.state.generation = generation
         if run.stream:
             events = self._events(generation, plan.tools)
             return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         return await self._complete(request, generation, plan)
+
+    def _adapter(self, name: str) -> Path:
+        try:
+            path = self.adapters.resolve(name)
+        except AdapterError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from exc
+        if path is None:
+            raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter or fine-tune named {name!r}")
+        return path
 
     async def _submit(self, completion: CompletionRequest) -> Generation:
         try:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jsonschema import Draft202012Validator
@@ -38,7 +39,7 @@ class RunPlan:
         if run.tools:
             calling = ToolCalling([Tool.from_request(t) for t in run.tools], native=native_tools)
             try:
-                grammar = calling.grammar()
+                grammar = calling.grammar(run.messages)
             except GrammarError as exc:
                 raise bad_input(f"Error: a tool's parameters: {exc}") from exc
             prompt = ChatPrompt(calling.prompt_messages(run.messages), calling.template_tools())
@@ -57,8 +58,10 @@ class RunPlan:
             raise bad_input(f"Error: '/response_format/json_schema' cannot be used: {exc}") from exc
         return cls(prompt, grammar, json_schema=schema)
 
-    def completion(self, run: RunRequest, session: str | None) -> CompletionRequest:
-        return CompletionRequest(self.prompt, run.sampling, run.max_tokens, session=session, grammar=self.grammar)
+    def completion(self, run: RunRequest, session: str | None, adapter: Path | None = None) -> CompletionRequest:
+        return CompletionRequest(
+            self.prompt, run.sampling, run.max_tokens, session=session, grammar=self.grammar, adapter=adapter
+        )
 
     def result(self, text: str) -> dict[str, Any]:
         """`response` and `tool_calls` of a finished answer (usage is the caller's)."""

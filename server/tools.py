@@ -57,6 +57,10 @@ Otherwise answer in plain text."""
 
 # The answer becomes a call the moment it opens a JSON object; the grammar takes over from that brace.
 CALL_TRIGGER = r"^\s*(\{)[\s\S]*$"
+GENERIC_MAX_STRING = 64
+
+# Any answer that does not open with a brace (a small model otherwise imitates the call it sees above).
+PLAIN_TEXT = "root ::= [^{ \\t\\r\\n] .*"
 
 
 def _call_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -66,6 +70,18 @@ def _call_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     if isinstance(arguments, str):
         arguments = json.loads(arguments)
     return spec["name"], arguments
+
+
+def bounded_strings(schema: Any) -> Any:
+    """A copy of a JSON Schema in which every string without a maxLength gets GENERIC_MAX_STRING."""
+    if isinstance(schema, list):
+        return [bounded_strings(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    bounded = {key: bounded_strings(value) for key, value in schema.items()}
+    if schema.get("type") == "string" and "maxLength" not in schema and "enum" not in schema:
+        bounded["maxLength"] = GENERIC_MAX_STRING
+    return bounded
 
 
 class ToolCalling:
@@ -115,18 +131,26 @@ class ToolCalling:
             return {"role": "user", "content": prefix + str(message["content"])}
         return {"role": message["role"], "content": message["content"]}
 
-    def grammar(self) -> Grammar:
+    def grammar(self, messages: Sequence[Mapping[str, Any]]) -> Grammar:
         calls = [
             {
                 "type": "object",
-                "properties": {"name": {"const": tool.name}, self.arguments_key: tool.parameters},
+                "properties": {
+                    "name": {"const": tool.name},
+                    self.arguments_key: tool.parameters if self.native else bounded_strings(tool.parameters),
+                },
                 "required": ["name", self.arguments_key],
                 "additionalProperties": False,
             }
             for tool in self.tools
         ]
         schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
-        return Grammar(schema_grammar(schema, prop_order=["name", self.arguments_key]), lazy_pattern=CALL_TRIGGER)
+        gbnf = schema_grammar(schema, prop_order=["name", self.arguments_key])
+        if self.native:
+            return Grammar(gbnf, lazy_pattern=CALL_TRIGGER)
+        if messages and messages[-1]["role"] == "user":
+            return Grammar(gbnf)
+        return Grammar(PLAIN_TEXT)
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """Split an answer into its text and its calls."""

@@ -71,8 +71,14 @@ class ServerProcess:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    proc = ServerProcess(tmp_path_factory.mktemp("server") / "server.log", "--ctx-size", str(TEST_CTX))
+def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("lora")
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory, lora_dir: Path) -> Iterator[ServerProcess]:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    proc = ServerProcess(log, "--ctx-size", str(TEST_CTX), "--lora-dir", str(lora_dir))
     try:
         yield proc.wait_ready()
     finally:

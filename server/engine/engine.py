@@ -31,7 +31,7 @@ import llama_cpp as llama
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
 from .grammar import Grammar
-from .llama_model import ContextSettings, DecodeError, LlamaModel
+from .llama_model import AdapterError, ContextSettings, DecodeError, LlamaModel
 from .sampler import Sampler, SamplingParams, check_grammar
 
 log = logging.getLogger("server.engine")
@@ -72,6 +72,7 @@ class CompletionRequest:
     max_tokens: int
     session: str | None = None  # requests of one conversation share a key, so they land on its slot
     grammar: Grammar | None = None
+    adapter: Path | None = None  # a GGUF LoRA adapter applied to this request alone
 
 
 class EngineNotReady(Exception):
@@ -108,6 +109,7 @@ class Slot:
     n_generated: int = 0
     text: codecs.IncrementalDecoder | None = None
     session: str | None = None
+    adapter: Path | None = None  # the adapter the cached KV was computed with
     last_used: int = 0
 
     @property
@@ -189,6 +191,10 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
+
+    def model_metadata(self, key: str) -> str | None:
+        """A GGUF metadata value of the loaded model (None while loading, or when absent)."""
+        return self.model.metadata(key) if self.model is not None else None
 
     @property
     def native_tools(self) -> bool:
@@ -306,12 +312,17 @@ class Engine:
                 if slot.session == session:
                     return slot
         # The most reusable blocks win; among equals, a slot no conversation claims, then the stalest.
-        block = self.prefill_block
-        return max(free, key=lambda s: (reusable(s.cached, job.tokens, block), s.session is None, -s.last_used))
+        return max(free, key=lambda s: (self._reusable(s, job), s.session is None, -s.last_used))
+
+    def _reusable(self, slot: Slot, job: _Job) -> int:
+        # KV computed under one adapter is wrong under another.
+        if slot.adapter != job.request.adapter:
+            return 0
+        return reusable(slot.cached, job.tokens, self.prefill_block)
 
     def _assign(self, slot: Slot, job: _Job) -> None:
         assert self.model is not None
-        reuse = reusable(slot.cached, job.tokens, self.prefill_block)
+        reuse = self._reusable(slot, job)
         self.model.forget(slot.seq_id, reuse)
         del slot.cached[reuse:]
         slot.pending = job.tokens[reuse:]
@@ -320,6 +331,7 @@ class Engine:
         slot.n_generated = 0
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.session = job.request.session
+        slot.adapter = job.request.adapter
         slot.last_used = next(self._clock)
         job.generation.cached_tokens = reuse
 
@@ -329,10 +341,15 @@ class Engine:
             if slot.job and slot.job.generation.cancelled:
                 self._finish(slot, Finished(FinishReason.CANCELLED, slot.n_generated))
 
-        # Every running stream advances one token per step, in one decode call of its own...
-        generating = [slot for slot in slots if slot.job and not slot.prefilling]
-        if generating:
-            self._decode(batch, [(slot, slot.pending[:1]) for slot in generating])
+        # Every running stream advances one token per step, in one decode call per LoRA adapter in use (the
+        # context applies one adapter set to a whole batch, so requests with different adapters never share one)...
+        generating: dict[Path | None, list[Slot]] = {}
+        for slot in slots:
+            if slot.job and not slot.prefilling:
+                generating.setdefault(slot.adapter, []).append(slot)
+        for adapter, group in generating.items():
+            if self._use_adapter(adapter, group):
+                self._decode(batch, [(slot, slot.pending[:1]) for slot in group])
 
         # ...then prompts advance in whole blocks, one decode call per block, within the step's budget.
         budget = self.model.n_batch
@@ -343,7 +360,18 @@ class Engine:
                 if take > budget:
                     return
                 budget -= take
-                self._decode(batch, [(slot, slot.pending[:take])])
+                if self._use_adapter(slot.adapter, [slot]):
+                    self._decode(batch, [(slot, slot.pending[:take])])
+
+    def _use_adapter(self, adapter: Path | None, group: list[Slot]) -> bool:
+        assert self.model is not None
+        try:
+            self.model.use_adapter(adapter)
+        except AdapterError as exc:
+            for slot in group:
+                self._finish(slot, Failed(str(exc)))
+            return False
+        return True
 
     def _decode(self, batch: llama.llama_batch, work: list[tuple[Slot, list[int]]]) -> None:
         """One llama_decode over `work`; each slot whose pending tokens all went in samples its next token."""

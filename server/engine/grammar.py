@@ -22,9 +22,16 @@ class Grammar:
     lazy_pattern: str | None = None
 
 
+# llama-cpp-python's converter lets raw control characters into JSON strings, which JSON forbids (and a small
+# model sampling hot does emit them); its string character rule is replaced by one that excludes them.
+_LOOSE_CHAR = 'char ::= [^"\\\\] |'
+_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
 def schema_grammar(schema: dict[str, Any], prop_order: Sequence[str] = ()) -> str:
     """GBNF for JSON documents that validate against `schema`."""
     try:
-        return json_schema_to_gbnf(json.dumps(schema), prop_order=list(prop_order))
+        gbnf = json_schema_to_gbnf(json.dumps(schema), prop_order=list(prop_order))
     except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
         raise GrammarError(f"the JSON Schema cannot be turned into a grammar: {exc!r}") from exc
+    return gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)

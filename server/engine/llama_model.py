@@ -49,6 +49,10 @@ class DecodeError(Exception):
     pass
 
 
+class AdapterError(Exception):
+    pass
+
+
 @dataclass(frozen=True)
 class ContextSettings:
     n_ctx: int  # tokens per slot; 0: the model's trained length, capped at DEFAULT_CTX_CAP
@@ -98,6 +102,8 @@ class LlamaModel:
         self.n_batch = llama.llama_n_batch(self.ctx)
         self.n_seq = settings.n_seq
         self.n_threads = settings.n_threads
+        self._adapters: dict[Path, llama.llama_adapter_lora_p] = {}
+        self._active_adapter: Path | None = None
         self.bos = llama.llama_vocab_bos(self.vocab)
         self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
@@ -165,6 +171,26 @@ class LlamaModel:
         if status != 0:
             reason = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
             raise DecodeError(reason)
+
+    def use_adapter(self, path: Path | None) -> None:
+        """Make the context decode with this LoRA adapter (loaded on first use), or with none."""
+        if path == self._active_adapter:
+            return
+        if path is None:
+            status = llama.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            adapter = self._adapters.get(path)
+            if adapter is None:
+                adapter = llama.llama_adapter_lora_init(self.model, str(path).encode())
+                if not adapter:
+                    raise AdapterError(f"llama.cpp could not load the LoRA adapter {path.name}")
+                self._adapters[path] = adapter  # freed with the model
+            adapters = (llama.llama_adapter_lora_p_ctypes * 1)(adapter)
+            scales = (ctypes.c_float * 1)(1.0)
+            status = llama.llama_set_adapters_lora(self.ctx, adapters, 1, scales)
+        if status != 0:
+            raise AdapterError(f"llama.cpp refused the LoRA adapter ({status})")
+        self._active_adapter = path
 
     def forget(self, seq_id: int, from_pos: int = 0) -> None:
         """Drop a sequence's cached positions from `from_pos` on."""

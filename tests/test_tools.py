@@ -1,0 +1,183 @@
+"""Tool calling and JSON mode over HTTP, with the official SDK for the agent loop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cloudflare import Cloudflare
+from conftest import MODEL, run_url
+from jsonschema import Draft202012Validator
+from test_contract import assert_error, assert_ok
+
+WEATHER = {
+    "name": "getWeather",
+    "description": "Get the current weather for a city",
+    "parameters": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "description": "The city name"},
+            "unit": {"type": "string", "description": "celsius or fahrenheit"},
+        },
+        "required": ["city"],
+    },
+}
+BOOKING = {
+    "type": "function",
+    "function": {
+        "name": "bookTable",
+        "description": "Book a restaurant table",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "restaurant": {"type": "string", "description": "Restaurant name"},
+                "guests": {"type": "integer", "description": "How many people"},
+                "outdoor": {"type": "boolean", "description": "Sit outside"},
+                "budget": {"type": "number", "description": "Budget in euros"},
+            },
+            "required": ["restaurant", "guests", "outdoor"],
+        },
+    },
+}
+SCHEMAS = {"getWeather": WEATHER["parameters"], "bookTable": BOOKING["function"]["parameters"]}
+
+
+def assert_valid_calls(calls: list[dict]) -> None:
+    assert calls, "no tool call"
+    for call in calls:
+        assert call["name"] in SCHEMAS
+        assert isinstance(call["arguments"], dict)
+        Draft202012Validator(SCHEMAS[call["name"]]).validate(call["arguments"])
+
+
+def test_agent_loop_with_the_sdk(server):
+    cf = Cloudflare(api_token="local", base_url=f"{server.url}/client/v4", max_retries=0)
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = cf.ai.run(MODEL, account_id="acc", messages=messages, tools=[WEATHER], max_tokens=64, temperature=0)
+    assert_valid_calls(first["tool_calls"])
+    call = first["tool_calls"][0]
+    assert call["name"] == "getWeather"
+    messages += [
+        {"role": "assistant", "content": "", "tool_calls": first["tool_calls"]},
+        {"role": "tool", "name": "getWeather", "content": json.dumps({"temperature_c": 18, "sky": "cloudy"})},
+    ]
+    second = cf.ai.run(MODEL, account_id="acc", messages=messages, tools=[WEATHER], max_tokens=48, temperature=0)
+    assert not second.get("tool_calls")
+    assert second["response"].strip()
+
+
+def test_both_tool_shapes_and_many_seeds_give_valid_calls(client):
+    for seed in range(1, 51):
+        body = {
+            "messages": [
+                {"role": "user", "content": "Book a table for four at Chez Lui, outside, or tell me the weather."}
+            ],
+            "tools": [WEATHER, BOOKING],
+            "temperature": 1.0,
+            "seed": seed,
+            "max_tokens": 96,
+        }
+        result = assert_ok(client.post(run_url(), json=body))
+        assert_valid_calls(result["tool_calls"])
+
+
+def test_tool_call_streams_as_one_event_before_usage(client):
+    body = {
+        "messages": [{"role": "user", "content": "Weather in Rome?"}],
+        "tools": [WEATHER],
+        "temperature": 0,
+        "max_tokens": 64,
+        "stream": True,
+    }
+    with client.stream("POST", run_url(), json=body) as response:
+        frames = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]"
+    events = [json.loads(f) for f in frames[:-1]]
+    assert "usage" in events[-1]
+    calls = [e for e in events if e.get("tool_calls")]
+    assert len(calls) == 1 and events.index(calls[0]) == len(events) - 2
+    assert_valid_calls(calls[0]["tool_calls"])
+    assert not any("{" in e.get("response", "") for e in events)
+    whole = assert_ok(client.post(run_url(), json={**body, "stream": False}))
+    assert whole["tool_calls"] == calls[0]["tool_calls"]
+
+
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+        },
+        "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+    },
+    "required": ["name", "age", "address", "tags"],
+}
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_json_mode_with_a_nested_schema(client, seed):
+    body = {
+        "prompt": "Describe a person.",
+        "response_format": {"type": "json_schema", "json_schema": PERSON},
+        "temperature": 0.8,
+        "seed": seed,
+        "max_tokens": 200,
+    }
+    result = assert_ok(client.post(run_url(), json=body))
+    assert isinstance(result["response"], dict)
+    Draft202012Validator(PERSON).validate(result["response"])
+
+
+def test_json_object_mode_and_openai_style_schema(client):
+    plain = assert_ok(
+        client.post(run_url(), json={"prompt": "A JSON object please.", "response_format": {"type": "json_object"}})
+    )
+    assert isinstance(plain["response"], dict)
+    nested = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    result = assert_ok(
+        client.post(run_url(), json={"prompt": "A person.", "response_format": nested, "max_tokens": 200})
+    )
+    Draft202012Validator(PERSON).validate(result["response"])
+
+
+def test_json_mode_refuses_stream_tools_and_bad_schemas(client):
+    fmt = {"type": "json_object"}
+    assert_error(
+        client.post(run_url(), json={"prompt": "x", "response_format": fmt, "stream": True}), 400, 5006, "streaming"
+    )
+    body = {"messages": [{"role": "user", "content": "x"}], "tools": [WEATHER], "response_format": fmt}
+    assert_error(client.post(run_url(), json=body), 400, 5006, "cannot be combined")
+    for bad in ({"type": 12}, {"type": "object", "properties": {"a": {"$ref": "#/nowhere"}}}):
+        response = client.post(
+            run_url(), json={"prompt": "x", "response_format": {"type": "json_schema", "json_schema": bad}}
+        )
+        assert_error(response, 400, 5006, "response_format")
+    assert_error(
+        client.post(run_url(), json={"prompt": "x", "response_format": {"type": "yaml"}}), 400, 5006, "json_object"
+    )
+    assert assert_ok(client.post(run_url(), json={"prompt": "Still there?", "max_tokens": 3}))
+
+
+def test_json_mode_cut_short_by_max_tokens(client):
+    body = {
+        "prompt": "Describe a person.",
+        "response_format": {"type": "json_schema", "json_schema": PERSON},
+        "max_tokens": 5,
+    }
+    assert_error(client.post(run_url(), json=body), 400, 5006, "JSON Mode couldn't be met")
+
+
+def test_functions_are_accepted(client):
+    body = {
+        "messages": [{"role": "user", "content": "Say hi."}],
+        "functions": [{"name": "helper", "code": "export default () => 1"}],
+        "max_tokens": 4,
+        "temperature": 0,
+    }
+    with_functions = assert_ok(client.post(run_url(), json=body))
+    without = assert_ok(client.post(run_url(), json={k: v for k, v in body.items() if k != "functions"}))
+    assert with_functions["response"] == without["response"]
