@@ -16,6 +16,8 @@ from starlette.routing import Route
 
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
+from .auth import TokenCheck, load_tokens
+from .catalog_routes import ModelCatalog
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import Engine
@@ -23,6 +25,7 @@ from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
 from .finetune_routes import FinetuneRoutes
 from .metrics import ServerMetrics
 from .model_store import ModelStore
+from .openai_routes import OpenAIRoutes
 from .routes import TextGenerationRoutes
 
 log = logging.getLogger("server.app")
@@ -62,6 +65,8 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
     text_generation = TextGenerationRoutes(engine, contracts, adapters, settings.max_body_bytes)
     finetunes = FinetuneRoutes(adapters, settings.max_body_bytes)
+    openai = OpenAIRoutes(text_generation, engine, adapters)
+    catalog = ModelCatalog(store, lambda: engine.context_per_slot)
     metrics = ServerMetrics(engine)
 
     async def metrics_endpoint(_request: Request) -> Response:
@@ -79,9 +84,14 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         routes=[
             *text_generation.routes(),
             *finetunes.routes(),
+            *openai.routes(),
+            *catalog.routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
         ],
-        middleware=[Middleware(AccessLog, metrics=metrics)],
+        middleware=[
+            Middleware(AccessLog, metrics=metrics),
+            Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
+        ],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )

@@ -64,7 +64,13 @@ class Settings:
     gpu_layers: int = -1
     max_body_bytes: int = 4 * 1024 * 1024
     lora_dir: str = str(Path.home() / ".cache" / "workers-ai-local" / "lora")
+    api_token: str = ""
+    api_token_file: str = ""
     log_level: str = "info"
+
+    @property
+    def loopback(self) -> bool:
+        return self.host in ("127.0.0.1", "localhost", "::1") or self.host.startswith("127.")
 
     @property
     def effective_threads(self) -> int:
@@ -99,6 +105,10 @@ OPTIONS: dict[str, Option] = {
     "lora_dir": Option(
         "--lora-dir", "WAI_LORA_DIR", "LoRA adapters: <name>.gguf files, and fine-tunes uploaded through the API"
     ),
+    "api_token": Option(
+        "--api-token", "WAI_API_TOKEN", "require Authorization: Bearer with this token (comma-separate several)"
+    ),
+    "api_token_file": Option("--api-token-file", "WAI_API_TOKEN_FILE", "a file of accepted tokens, one per line"),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
 }
 
@@ -129,7 +139,10 @@ def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             dest=field.name,
             type=type(getattr(defaults, field.name)),
             default=default,
-            help=f"{option.help} [env {option.env}; default: %(default)s]",
+            # A token must not show up in --help just because it came from the environment.
+            help=f"{option.help} [env {option.env}]"
+            if field.name == "api_token"
+            else f"{option.help} [env {option.env}; default: %(default)s]",
         )
     return cli
 

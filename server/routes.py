@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -44,6 +45,8 @@ from .errors import (
 )
 from .run_plan import RunPlan
 from .tools import ToolCalling
+
+T = TypeVar("T")
 
 # Not a status a server normally sends (nginx's "client closed request"); it only ever reaches the log.
 CLIENT_CLOSED = 499
@@ -87,6 +90,26 @@ async def wait_for_disconnect(request: Request) -> None:
     # The body is fully read by now, so the next message the server hands us is the client going away.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def unless_disconnected(request: Request, generation: Generation, work: Awaitable[T]) -> T | None:
+    """The result of `work` (which consumes `generation`), or None, with the generation cancelled, if the client
+    goes away first. Raises ApiError (500) if the generation fails."""
+    task = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not task.done():
+            generation.cancel()
+            task.cancel()
+    if not task.done() or task.cancelled():
+        return None
+    try:
+        return task.result()
+    except GenerationFailed as exc:
+        raise ApiError(500, INTERNAL, str(exc)) from exc
 
 
 class TextGenerationRoutes:
@@ -158,21 +181,9 @@ class TextGenerationRoutes:
             raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
 
     async def _complete(self, request: Request, generation: Generation, plan: RunPlan) -> Response:
-        collect = asyncio.ensure_future(generation.text())
-        disconnect = asyncio.ensure_future(wait_for_disconnect(request))
-        try:
-            await asyncio.wait({collect, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            disconnect.cancel()
-            if not collect.done():
-                generation.cancel()
-                collect.cancel()
-        if not collect.done() or collect.cancelled():
+        text = await unless_disconnected(request, generation, generation.text())
+        if text is None:
             return Response(status_code=CLIENT_CLOSED)
-        try:
-            text = collect.result()
-        except GenerationFailed as exc:
-            raise ApiError(500, INTERNAL, str(exc)) from exc
         return success({**plan.result(text), "usage": usage_payload(generation.usage)})
 
     @staticmethod

@@ -30,14 +30,14 @@ class RunPlan:
     json_schema: dict[str, Any] | None = None
 
     @classmethod
-    def build(cls, run: RunRequest, native_tools: bool) -> RunPlan:
+    def build(cls, run: RunRequest, native_tools: bool, tool_choice: str = "auto") -> RunPlan:
         if run.messages is None:
             assert run.prompt is not None
             if run.raw:
                 return cls.with_json_mode(TextPrompt(run.prompt), run)
             return cls.with_json_mode(ChatPrompt([{"role": "user", "content": run.prompt}]), run)
         if run.tools:
-            calling = ToolCalling([Tool.from_request(t) for t in run.tools], native=native_tools)
+            calling = ToolCalling([Tool.from_request(t) for t in run.tools], native=native_tools, choice=tool_choice)
             try:
                 grammar = calling.grammar(run.messages)
             except GrammarError as exc:

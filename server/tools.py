@@ -85,10 +85,13 @@ def bounded_strings(schema: Any) -> Any:
 
 
 class ToolCalling:
-    def __init__(self, tools: Sequence[Tool], native: bool) -> None:
-        """`native`: the model's chat template renders tools and tool calls itself."""
+    def __init__(self, tools: Sequence[Tool], native: bool, choice: str = "auto") -> None:
+        """`native`: the model's chat template renders tools and tool calls itself. `choice`: OpenAI's
+        tool_choice: "auto" (the policy above), "required" (a call by construction), "none" (text only), or
+        the name of the one tool to call."""
         self.tools = list(tools)
         self.native = native
+        self.choice = choice
         self.arguments_key = "parameters" if native else "arguments"
 
     def prompt_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -131,7 +134,10 @@ class ToolCalling:
             return {"role": "user", "content": prefix + str(message["content"])}
         return {"role": message["role"], "content": message["content"]}
 
-    def grammar(self, messages: Sequence[Mapping[str, Any]]) -> Grammar:
+    def grammar(self, messages: Sequence[Mapping[str, Any]]) -> Grammar | None:
+        if self.choice == "none":
+            return None
+        tools = [t for t in self.tools if t.name == self.choice] or self.tools
         calls = [
             {
                 "type": "object",
@@ -142,10 +148,12 @@ class ToolCalling:
                 "required": ["name", self.arguments_key],
                 "additionalProperties": False,
             }
-            for tool in self.tools
+            for tool in tools
         ]
         schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
         gbnf = schema_grammar(schema, prop_order=["name", self.arguments_key])
+        if self.choice != "auto":
+            return Grammar(gbnf)
         if self.native:
             return Grammar(gbnf, lazy_pattern=CALL_TRIGGER)
         if messages and messages[-1]["role"] == "user":
@@ -155,7 +163,7 @@ class ToolCalling:
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """Split an answer into its text and its calls."""
         stripped = text.strip()
-        if not stripped.startswith("{"):
+        if self.choice == "none" or not stripped.startswith("{"):
             return text, []
         decoder = json.JSONDecoder()
         calls: list[ToolCall] = []

@@ -1,0 +1,319 @@
+"""OpenAI-compatible routes, as Workers AI offers them under `/client/v4/accounts/{id}/ai/v1/` (and here under
+`/v1/` too): chat completions, completions and models, streaming or not, with errors in OpenAI's shape.
+
+Requests are validated against schemas/openai.*.schema.json (the same files /openapi.json is built from) and
+become the same RunRequest the Workers AI route makes, so prompts, tools, JSON mode and sampling behave alike.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jsonschema import Draft202012Validator
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import sse
+from .adapters import AdapterStore
+from .config import SCHEMAS_DIR
+from .contract import RunRequest
+from .engine import Engine, FinishReason, Generation, GenerationFailed, SamplingParams
+from .errors import ApiError
+from .routes import CLIENT_CLOSED, SESSION_HEADER, TextGenerationRoutes, read_json, unless_disconnected
+from .run_plan import RunPlan
+from .stops import StopScanner
+
+PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default, where Workers AI's own route uses 0.6
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {
+            "error": {"message": message, "type": kind, "param": extra.get("param"), "code": extra.get("code")}
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)
+
+
+def from_api_error(exc: ApiError) -> OpenAIError:
+    kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
+    kind = kinds.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
+    return OpenAIError(exc.status, exc.message, kind, code=str(exc.code))
+
+
+def _load_validator(name: str) -> Draft202012Validator:
+    return Draft202012Validator(json.loads((SCHEMAS_DIR / name).read_text()))
+
+
+def _value(body: dict[str, Any], name: str, default: Any = None) -> Any:
+    value = body.get(name)
+    return default if value is None else value
+
+
+def _text(content: Any) -> str:
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def _message(message: dict[str, Any]) -> dict[str, Any]:
+    role = "system" if message["role"] == "developer" else message["role"]
+    converted: dict[str, Any] = {"role": role, "content": _text(message.get("content"))}
+    for key in ("name", "tool_call_id", "tool_calls"):
+        if message.get(key):
+            converted[key] = message[key]
+    return converted
+
+
+def _finish(generation: Generation, stopped: bool, calls: list[Any]) -> str:
+    if calls:
+        return "tool_calls"
+    if stopped or generation.finish_reason is not FinishReason.LENGTH:
+        return "stop"
+    return "length"
+
+
+def _usage(generation: Generation) -> dict[str, Any]:
+    usage = generation.usage
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {
+            "id": f"call_{secrets.token_hex(12)}",
+            "type": "function",
+            "function": {"name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)},
+        }
+        for call in calls
+    ]
+
+
+class OpenAIRoutes:
+    def __init__(self, workers_ai: TextGenerationRoutes, engine: Engine, adapters: AdapterStore) -> None:
+        self.workers_ai = workers_ai  # for its submission path, shared so both APIs queue and fail alike
+        self.engine = engine
+        self.adapters = adapters
+        self.models = sorted(workers_ai.contracts)
+        self.chat_schema = _load_validator("openai.chat-completions.request.schema.json")
+        self.completion_schema = _load_validator("openai.completions.request.schema.json")
+
+    def routes(self) -> list[Route]:
+        routes = []
+        for prefix in PREFIXES:
+            routes += [
+                Route(f"{prefix}/chat/completions", self.chat_completions, methods=["POST"]),
+                Route(f"{prefix}/completions", self.completions, methods=["POST"]),
+                Route(f"{prefix}/models", self.list_models, methods=["GET"]),
+                Route(f"{prefix}/models/{{model:path}}", self.get_model, methods=["GET"]),
+            ]
+        return routes
+
+    def _model_entry(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "workers-ai-local"}
+
+    async def list_models(self, request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [self._model_entry(m) for m in self.models]})
+
+    async def get_model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        if name not in self.models:
+            return OpenAIError(404, f"The model '{name}' does not exist", code="model_not_found").response()
+        return JSONResponse(self._model_entry(name))
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        try:
+            return await self._generate(request, chat)
+        except OpenAIError as exc:
+            return exc.response()
+        except ApiError as exc:
+            return from_api_error(exc).response()
+
+    def _parse(self, body: object, chat: bool) -> dict[str, Any]:
+        validator = self.chat_schema if chat else self.completion_schema
+        errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
+        if errors:
+            where = ".".join(str(p) for p in errors[0].absolute_path) or None
+            message = "; ".join(f"{'.'.join(map(str, e.absolute_path)) or 'body'}: {e.message}" for e in errors[:5])
+            raise OpenAIError(400, message, param=where)
+        assert isinstance(body, dict)
+        if body["model"] not in self.models:
+            raise OpenAIError(404, f"The model '{body['model']}' does not exist", param="model", code="model_not_found")
+        return body
+
+    def _run_request(self, body: dict[str, Any], chat: bool) -> RunRequest:
+        messages = [_message(m) for m in body["messages"]] if chat else None
+        prompt = None
+        if not chat:
+            prompt = body["prompt"] if isinstance(body["prompt"], str) else body["prompt"][0]
+        fmt = _value(body, "response_format")
+        if fmt is not None and fmt["type"] == "text":
+            fmt = None
+        if fmt is not None and fmt["type"] == "json_schema":
+            fmt = {"type": "json_schema", "json_schema": fmt["json_schema"]["schema"]}
+        return RunRequest(
+            prompt=prompt,
+            messages=messages,
+            raw=not chat,  # the completions API continues the text as given, with no chat template
+            stream=bool(_value(body, "stream", False)),
+            max_tokens=int(_value(body, "max_completion_tokens", _value(body, "max_tokens", DEFAULT_MAX_TOKENS))),
+            sampling=SamplingParams(
+                temperature=float(_value(body, "temperature", DEFAULT_TEMPERATURE)),
+                top_p=_value(body, "top_p"),
+                top_k=_value(body, "top_k"),
+                seed=_value(body, "seed"),
+                repetition_penalty=_value(body, "repetition_penalty"),
+                frequency_penalty=_value(body, "frequency_penalty"),
+                presence_penalty=_value(body, "presence_penalty"),
+            ),
+            tools=[t["function"] for t in _value(body, "tools", [])] or None,
+            lora=_value(body, "lora"),
+            response_format=fmt,
+        )
+
+    @staticmethod
+    def _tool_choice(body: dict[str, Any]) -> str:
+        choice = _value(body, "tool_choice", "auto")
+        return choice["function"]["name"] if isinstance(choice, dict) else choice
+
+    async def _generate(self, request: Request, chat: bool) -> Response:
+        body = self._parse(await read_json(request, self.workers_ai.max_body), chat)
+        run = self._run_request(body, chat)
+        if run.response_format is not None and run.stream:
+            raise OpenAIError(400, "response_format with stream is not supported", param="response_format")
+        if run.response_format is not None and run.tools:
+            raise OpenAIError(400, "response_format and tools cannot be combined", param="response_format")
+        adapter = self.workers_ai._adapter(run.lora) if run.lora is not None else None
+        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=self._tool_choice(body))
+        completion = plan.completion(run, request.headers.get(SESSION_HEADER), adapter)
+        generation = await self.workers_ai._submit(completion)
+        request.state.generation = generation
+        stop = _value(body, "stop", [])
+        scanner = StopScanner([stop] if isinstance(stop, str) else stop)
+        reply = Reply(body["model"], chat, plan, generation, scanner)
+        if run.stream:
+            include_usage = bool((_value(body, "stream_options", {}) or {}).get("include_usage"))
+            return StreamingResponse(reply.chunks(include_usage), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        text = await unless_disconnected(request, generation, reply.text())
+        if text is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(reply.whole(text))
+
+
+class Reply:
+    """One OpenAI response: the whole object, or its stream of chunks."""
+
+    def __init__(self, model: str, chat: bool, plan: RunPlan, generation: Generation, scanner: StopScanner) -> None:
+        self.model = model
+        self.chat = chat
+        self.plan = plan
+        self.generation = generation
+        self.scanner = scanner
+        self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
+        self.created = int(time.time())
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Generated text cut at the first stop sequence; the generation is cancelled there."""
+        async for piece in self.generation:
+            text = self.scanner.feed(piece)
+            if text:
+                yield text
+            if self.scanner.stopped:
+                self.generation.cancel()
+                return
+        tail = self.scanner.flush()
+        if tail:
+            yield tail
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+    def whole(self, text: str) -> dict[str, Any]:
+        result = self.plan.result(text)  # raises ApiError when JSON mode was not met
+        calls = result["tool_calls"]
+        finish = _finish(self.generation, self.scanner.stopped, calls)
+        if self.chat:
+            content = text if self.plan.json_schema is not None else result["response"]
+            message: dict[str, Any] = {"role": "assistant", "content": content or None, "refusal": None}
+            if calls:
+                message["tool_calls"] = _tool_calls(calls)
+            choice: dict[str, Any] = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {
+            "id": self.id,
+            "object": "chat.completion" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": _usage(self.generation),
+            "system_fingerprint": None,
+        }
+
+    def _chunk(self, delta: dict[str, Any] | None, finish: str | None = None, text: str = "") -> bytes:
+        if self.chat:
+            choices = [{"index": 0, "delta": delta or {}, "logprobs": None, "finish_reason": finish}]
+            kind = "chat.completion.chunk"
+        else:
+            choices = [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]
+            kind = "text_completion"
+        chunk = {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return sse.event(chunk, padded=False)
+
+    async def chunks(self, include_usage: bool) -> AsyncIterator[bytes]:
+        tools = self.plan.tools
+        held = ""  # with tools: text held back while it may still be the start of a call
+        calls: list[dict[str, Any]] = []
+        try:
+            if self.chat:
+                yield self._chunk({"role": "assistant", "content": ""})
+            async for piece in self.pieces():
+                if tools is not None:
+                    held += piece
+                    if not held.strip() or held.lstrip().startswith("{"):
+                        continue
+                    piece, held, tools = held, "", None
+                yield self._chunk({"content": piece}, text=piece)
+            if held and tools is not None:
+                text, parsed = tools.parse(held)
+                calls = [call.payload() for call in parsed]
+                if text:
+                    yield self._chunk({"content": text}, text=text)
+                if calls:
+                    deltas = [{"index": i, **call} for i, call in enumerate(_tool_calls(calls))]
+                    yield self._chunk({"tool_calls": deltas})
+            yield self._chunk({}, _finish(self.generation, self.scanner.stopped, calls))
+            if include_usage:
+                kind = "chat.completion.chunk" if self.chat else "text_completion"
+                usage = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+                yield sse.event({**usage, "choices": [], "usage": _usage(self.generation)}, padded=False)
+            yield sse.DONE
+        except GenerationFailed as exc:
+            yield sse.event(
+                {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}, False
+            )
+        finally:
+            self.generation.cancel()
