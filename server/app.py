@@ -11,9 +11,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from . import openapi
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, load_tokens
@@ -72,6 +73,15 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
     async def metrics_endpoint(_request: Request) -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
+    document = openapi.build(store)
+    playground = (Path(__file__).parent / "playground.html").read_text()
+
+    async def openapi_endpoint(_request: Request) -> Response:
+        return JSONResponse(document)
+
+    async def playground_endpoint(_request: Request) -> Response:
+        return HTMLResponse(playground)
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         engine.start()
@@ -87,6 +97,8 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             *openai.routes(),
             *catalog.routes(),
             Route("/metrics", metrics_endpoint, methods=["GET"]),
+            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+            Route("/", playground_endpoint, methods=["GET"]),
         ],
         middleware=[
             Middleware(AccessLog, metrics=metrics),

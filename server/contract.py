@@ -117,20 +117,27 @@ def _describe_all(errors: list[ValidationError]) -> str:
     return ", ".join(dict.fromkeys(_describe(error) for error in errors))
 
 
-class InputContract:
-    """One model's input schema."""
+class SchemaCheck:
+    """A request body checked against a JSON Schema file, failures worded as Workers AI words them."""
 
     def __init__(self, schema_path: Path) -> None:
         self.schema: dict[str, Any] = json.loads(schema_path.read_text())
         Draft202012Validator.check_schema(self.schema)
         self._validator = Draft202012Validator(self.schema)
 
-    def parse(self, body: object) -> RunRequest:
+    def check(self, body: object) -> dict[str, Any]:
         errors = sorted(self._validator.iter_errors(body), key=lambda e: list(e.absolute_path))
         if errors:
             raise bad_input("Error: " + _describe_all(errors))
         assert isinstance(body, dict)
-        request = RunRequest.from_body(body)
+        return body
+
+
+class InputContract(SchemaCheck):
+    """One model's input schema."""
+
+    def parse(self, body: object) -> RunRequest:
+        request = RunRequest.from_body(self.check(body))
         # The schema leaves max_tokens unbounded below; a request for no tokens at all is a client bug.
         if request.max_tokens < 1:
             raise bad_input(f"Error: '/max_tokens' must be >= 1, got {request.max_tokens}")

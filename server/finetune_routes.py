@@ -8,6 +8,8 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from .adapters import AdapterError, AdapterStore
+from .config import SCHEMAS_DIR
+from .contract import SchemaCheck
 from .errors import TOO_LARGE, ApiError, bad_input, success
 from .routes import read_json
 
@@ -24,6 +26,7 @@ class FinetuneRoutes:
     def __init__(self, store: AdapterStore, max_body: int) -> None:
         self.store = store
         self.max_body = max_body
+        self.contract = SchemaCheck(SCHEMAS_DIR / "finetune.create.request.schema.json")
 
     def routes(self) -> list[Route]:
         return [
