@@ -46,6 +46,24 @@ ERRORS = {
 OPENAI_ERRORS = {"4XX": _json({"$ref": "#/components/schemas/OpenAIError"}, "OpenAI-shaped error")}
 
 
+def _openai_post(summary: str, request_schema: str, answer: str) -> dict[str, Any]:
+    body = {"schema": {"$ref": f"#/components/schemas/{request_schema}"}}
+    streamed = {
+        "description": f"{answer}, or its chunks with stream: true",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": {"application/json": body}},
+            "responses": {"200": streamed, **OPENAI_ERRORS},
+        }
+    }
+
+
 def _path_params(path: str) -> list[dict[str, Any]]:
     params = []
     if "{account_id}" in path:
@@ -151,44 +169,12 @@ def build(store: ModelStore) -> dict[str, Any]:
         "/": {"get": {"summary": "The browser playground", "responses": {"200": {"description": "text/html"}}}},
     }
     for prefix in OPENAI_PREFIXES:
-        paths[f"{prefix}/chat/completions"] = {
-            "post": {
-                "summary": "OpenAI-compatible chat completions",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}},
-                },
-                "responses": {
-                    "200": {
-                        "description": "chat.completion, or chunks with stream: true",
-                        "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
-                        },
-                    },
-                    **OPENAI_ERRORS,
-                },
-            }
-        }
-        paths[f"{prefix}/completions"] = {
-            "post": {
-                "summary": "OpenAI-compatible text completions",
-                "requestBody": {
-                    "required": True,
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CompletionRequest"}}},
-                },
-                "responses": {
-                    "200": {
-                        "description": "text_completion, or chunks with stream: true",
-                        "content": {
-                            "application/json": {"schema": {"type": "object"}},
-                            "text/event-stream": {"schema": {"type": "string"}},
-                        },
-                    },
-                    **OPENAI_ERRORS,
-                },
-            }
-        }
+        paths[f"{prefix}/chat/completions"] = _openai_post(
+            "OpenAI-compatible chat completions", "ChatCompletionRequest", "chat.completion"
+        )
+        paths[f"{prefix}/completions"] = _openai_post(
+            "OpenAI-compatible text completions", "CompletionRequest", "text_completion"
+        )
         paths[f"{prefix}/models"] = {
             "get": {"summary": "Served models", "responses": {"200": _json({"type": "object"})}}
         }
