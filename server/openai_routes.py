@@ -24,9 +24,17 @@ from .config import SCHEMAS_DIR
 from .contract import RunRequest
 from .engine import Engine, FinishReason, Generation, GenerationFailed, SamplingParams
 from .errors import ApiError
-from .routes import CLIENT_CLOSED, SESSION_HEADER, TextGenerationRoutes, read_json, unless_disconnected
+from .routes import (
+    CLIENT_CLOSED,
+    SESSION_HEADER,
+    TextGenerationRoutes,
+    read_json,
+    unless_disconnected,
+    usage_payload,
+)
 from .run_plan import RunPlan
 from .stops import StopScanner
+from .tools import CallStream
 
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
 DEFAULT_MAX_TOKENS = 256
@@ -83,16 +91,6 @@ def _finish(generation: Generation, stopped: bool, calls: list[Any]) -> str:
     if stopped or generation.finish_reason is not FinishReason.LENGTH:
         return "stop"
     return "length"
-
-
-def _usage(generation: Generation) -> dict[str, Any]:
-    usage = generation.usage
-    return {
-        "prompt_tokens": usage.prompt_tokens,
-        "completion_tokens": usage.completion_tokens,
-        "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-    }
 
 
 def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -206,10 +204,10 @@ class OpenAIRoutes:
             raise OpenAIError(400, "response_format with stream is not supported", param="response_format")
         if run.response_format is not None and run.tools:
             raise OpenAIError(400, "response_format and tools cannot be combined", param="response_format")
-        adapter = self.workers_ai._adapter(run.lora) if run.lora is not None else None
+        adapter = self.workers_ai.adapter_path(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=self._tool_choice(body))
         completion = plan.completion(run, request.headers.get(SESSION_HEADER), adapter)
-        generation = await self.workers_ai._submit(completion)
+        generation = await self.workers_ai.submit(completion)
         request.state.generation = generation
         stop = _value(body, "stop", [])
         scanner = StopScanner([stop] if isinstance(stop, str) else stop)
@@ -269,7 +267,7 @@ class Reply:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": _usage(self.generation),
+            "usage": usage_payload(self.generation.usage),
             "system_fingerprint": None,
         }
 
@@ -284,32 +282,26 @@ class Reply:
         return sse.event(chunk, padded=False)
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[bytes]:
-        tools = self.plan.tools
-        held = ""  # with tools: text held back while it may still be the start of a call
-        calls: list[dict[str, Any]] = []
+        answer = CallStream(self.plan.tools)
         try:
             if self.chat:
                 yield self._chunk({"role": "assistant", "content": ""})
             async for piece in self.pieces():
-                if tools is not None:
-                    held += piece
-                    if not held.strip() or held.lstrip().startswith("{"):
-                        continue
-                    piece, held, tools = held, "", None
-                yield self._chunk({"content": piece}, text=piece)
-            if held and tools is not None:
-                text, parsed = tools.parse(held)
-                calls = [call.payload() for call in parsed]
+                text = answer.feed(piece)
                 if text:
                     yield self._chunk({"content": text}, text=text)
-                if calls:
-                    deltas = [{"index": i, **call} for i, call in enumerate(_tool_calls(calls))]
-                    yield self._chunk({"tool_calls": deltas})
+            text, parsed = answer.finish()
+            calls = [call.payload() for call in parsed]
+            if text:
+                yield self._chunk({"content": text}, text=text)
+            if calls:
+                deltas = [{"index": i, **call} for i, call in enumerate(_tool_calls(calls))]
+                yield self._chunk({"tool_calls": deltas})
             yield self._chunk({}, _finish(self.generation, self.scanner.stopped, calls))
             if include_usage:
                 kind = "chat.completion.chunk" if self.chat else "text_completion"
                 usage = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-                yield sse.event({**usage, "choices": [], "usage": _usage(self.generation)}, padded=False)
+                yield sse.event({**usage, "choices": [], "usage": usage_payload(self.generation.usage)}, padded=False)
             yield sse.DONE
         except GenerationFailed as exc:
             yield sse.event(

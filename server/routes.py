@@ -44,7 +44,7 @@ from .errors import (
     success,
 )
 from .run_plan import RunPlan
-from .tools import ToolCalling
+from .tools import CallStream, ToolCalling
 
 T = TypeVar("T")
 
@@ -148,16 +148,16 @@ class TextGenerationRoutes:
         if contract is None:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
         run = contract.parse(await read_json(request, self.max_body))
-        adapter = self._adapter(run.lora) if run.lora is not None else None
+        adapter = self.adapter_path(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, native_tools=self.engine.native_tools)
-        generation = await self._submit(plan.completion(run, request.headers.get(SESSION_HEADER), adapter))
+        generation = await self.submit(plan.completion(run, request.headers.get(SESSION_HEADER), adapter))
         request.state.generation = generation
         if run.stream:
             events = self._events(generation, plan.tools)
             return StreamingResponse(events, media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         return await self._complete(request, generation, plan)
 
-    def _adapter(self, name: str) -> Path:
+    def adapter_path(self, name: str) -> Path:
         try:
             path = self.adapters.resolve(name)
         except AdapterError as exc:
@@ -166,7 +166,8 @@ class TextGenerationRoutes:
             raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter or fine-tune named {name!r}")
         return path
 
-    async def _submit(self, completion: CompletionRequest) -> Generation:
+    async def submit(self, completion: CompletionRequest) -> Generation:
+        """Queue a generation, turning the engine's refusals into Workers AI's errors."""
         try:
             return await self.engine.submit(completion)
         except GrammarError as exc:
@@ -188,22 +189,17 @@ class TextGenerationRoutes:
 
     @staticmethod
     async def _events(generation: Generation, tools: ToolCalling | None) -> AsyncIterator[bytes]:
-        held = ""  # with tools: text held back while it may still be the start of a call
+        answer = CallStream(tools)
         try:
             async for piece in generation:
-                if tools is None:
-                    yield sse.event({"response": piece})
-                    continue
-                held += piece
-                if held.strip() and not held.lstrip().startswith("{"):
-                    yield sse.event({"response": held})
-                    tools, held = None, ""
-            if held:
-                text, calls = tools.parse(held) if tools else (held, [])
+                text = answer.feed(piece)
                 if text:
                     yield sse.event({"response": text})
-                if calls:
-                    yield sse.event({"response": "", "tool_calls": [call.payload() for call in calls]})
+            text, calls = answer.finish()
+            if text:
+                yield sse.event({"response": text})
+            if calls:
+                yield sse.event({"response": "", "tool_calls": [call.payload() for call in calls]})
             yield sse.event({"response": "", "usage": usage_payload(generation.usage)})
             yield sse.DONE
         except GenerationFailed as exc:

@@ -179,3 +179,27 @@ class ToolCalling:
             calls.append(ToolCall(obj["name"], arguments if isinstance(arguments, dict) else {}))
             rest = re.sub(r"^[\s;]+", "", rest[end:])
         return (rest if calls else text), calls
+
+
+class CallStream:
+    """A streamed answer: text passes through as it comes, but an answer that opens with `{` may be a call, so it
+    is held back and parsed when the answer ends."""
+
+    def __init__(self, tools: ToolCalling | None) -> None:
+        self.tools = tools
+        self.held = ""
+
+    def feed(self, piece: str) -> str:
+        if self.tools is None:
+            return piece
+        self.held += piece
+        if not self.held.strip() or self.held.lstrip().startswith("{"):
+            return ""
+        text, self.held, self.tools = self.held, "", None  # plain text: no call can follow
+        return text
+
+    def finish(self) -> tuple[str, list[ToolCall]]:
+        held, self.held = self.held, ""
+        if not held or self.tools is None:
+            return held, []
+        return self.tools.parse(held)

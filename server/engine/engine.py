@@ -351,17 +351,28 @@ class Engine:
             if self._use_adapter(adapter, group):
                 self._decode(batch, [(slot, slot.pending[:1]) for slot in group])
 
-        # ...then prompts advance in whole blocks, one decode call per block, within the step's budget.
+        # ...then prompts advance by whole blocks within the step's budget. Blocks of the same length (and
+        # adapter) from different prompts share a decode call: llama.cpp gives each sequence its own attention
+        # stream, so every block is still computed exactly as it would be alone.
         budget = self.model.n_batch
-        for slot in sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used):
-            while slot.job and slot.prefilling:
-                block_end = (len(slot.cached) // self.prefill_block + 1) * self.prefill_block
-                take = min(block_end - len(slot.cached), len(slot.pending))
-                if take > budget:
-                    return
-                budget -= take
-                if self._use_adapter(slot.adapter, [slot]):
-                    self._decode(batch, [(slot, slot.pending[:take])])
+        while budget > 0:
+            blocks: dict[tuple[int, Path | None], list[Slot]] = {}
+            for slot in sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used):
+                blocks.setdefault((self._next_block(slot), slot.adapter), []).append(slot)
+            if not blocks:
+                return
+            (size, adapter), group = next(iter(blocks.items()))
+            group = group[: max(1, budget // size)]
+            if size * len(group) > budget:
+                return
+            budget -= size * len(group)
+            if self._use_adapter(adapter, group):
+                self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
+
+    def _next_block(self, slot: Slot) -> int:
+        """How many prompt tokens the slot's next block holds: up to the next block boundary."""
+        block_end = (len(slot.cached) // self.prefill_block + 1) * self.prefill_block
+        return min(block_end - len(slot.cached), len(slot.pending))
 
     def _use_adapter(self, adapter: Path | None, group: list[Slot]) -> bool:
         assert self.model is not None
