@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import gguf
 import httpx
 import pytest
 from conftest import PROJECT_ROOT, ServerProcess, run_url
@@ -154,3 +155,28 @@ def test_bad_environment_value_is_reported(tmp_path, value):
     proc = ServerProcess(tmp_path / "badenv.log", env={"WAI_PORT": value})
     assert exits_with(proc, timeout=30) != 0
     assert "WAI_PORT" in proc.log()
+
+
+def test_raw_prompt_never_gets_a_second_bos(tmp_path):
+    # SmolLM2 does not ask for BOS; a copy of it that does (its BOS is <|im_start|>) shows the rule.
+    model = tmp_path / "adds-bos.gguf"
+    model.write_bytes(SMOL.read_bytes())
+    reader = gguf.GGUFReader(model, "r+")
+    field = reader.fields["tokenizer.ggml.add_bos_token"]
+    field.parts[field.data[0]][0] = True
+    del reader
+    proc = start(tmp_path, "bos", "--model", str(model))
+    try:
+        proc.wait_ready()
+
+        def prompt_tokens(prompt: str) -> int:
+            body = {"prompt": prompt, "raw": True, "max_tokens": 1}
+            return assert_ok(httpx.post(proc.url + run_url(), json=body, timeout=60))["usage"]["prompt_tokens"]
+
+        plain = prompt_tokens("Hello there")
+        # The BOS the model adds, plus the words.
+        assert plain >= 3
+        # Spelling the BOS out in a raw prompt does not add a second one.
+        assert prompt_tokens("<|im_start|>Hello there") == plain
+    finally:
+        proc.stop()
