@@ -311,8 +311,10 @@ class Engine:
             for slot in free:
                 if slot.session == session:
                     return slot
-        # The most reusable blocks win; among equals, a slot no conversation claims, then the stalest.
-        return max(free, key=lambda s: (self._reusable(s, job), s.session is None, -s.last_used))
+        # The most reusable blocks win; among equals, a slot no conversation claims, then the lowest sequence id:
+        # llama.cpp puts only consecutive sequence ids into one micro-batch, so busy slots packed together
+        # decode in one pass where scattered ones take a pass per gap.
+        return max(free, key=lambda s: (self._reusable(s, job), s.session is None, -s.seq_id))
 
     def _reusable(self, slot: Slot, job: _Job) -> int:
         # KV computed under one adapter is wrong under another.
@@ -367,6 +369,7 @@ class Engine:
                 return
             budget -= size * len(group)
             if self._use_adapter(adapter, group):
+                group.sort(key=lambda s: s.seq_id)  # consecutive ids share a micro-batch (see _pick_slot)
                 self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
 
     def _next_block(self, slot: Slot) -> int:
