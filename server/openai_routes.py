@@ -205,7 +205,10 @@ class OpenAIRoutes:
         if run.response_format is not None and run.tools:
             raise OpenAIError(400, "response_format and tools cannot be combined", param="response_format")
         adapter = self.workers_ai.adapter_path(run.lora) if run.lora is not None else None
-        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=self._tool_choice(body))
+        choice = self._tool_choice(body)
+        if choice not in ("auto", "none", "required") and choice not in {t["name"] for t in run.tools or []}:
+            raise OpenAIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
+        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=choice)
         completion = plan.completion(run, request.headers.get(SESSION_HEADER), adapter)
         generation = await self.workers_ai.submit(completion)
         request.state.generation = generation

@@ -81,9 +81,16 @@ async def read_json(request: Request, limit: int) -> object:
     if not body.strip():
         raise ApiError(400, MISSING_BODY, "Request is missing headers or body: expected a JSON object")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_input(f"Error: the request body is not valid JSON ({exc})") from exc
+    # JSON may spell a lone UTF-16 surrogate (\ud800), which no UTF-8 text (nor tokenizer) can hold.
+    if b"\\u" in body:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise bad_input("Error: the request body holds a lone surrogate escape, which is not text") from exc
+    return value
 
 
 async def wait_for_disconnect(request: Request) -> None:

@@ -42,7 +42,12 @@ class RunPlan:
                 grammar = calling.grammar(run.messages)
             except GrammarError as exc:
                 raise bad_input(f"Error: a tool's parameters: {exc}") from exc
-            prompt = ChatPrompt(calling.prompt_messages(run.messages), calling.template_tools())
+            try:
+                messages = calling.prompt_messages(run.messages)
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                # An earlier turn's tool call whose arguments are not a JSON object, or that names no function.
+                raise bad_input(f"Error: '/messages': a tool call in the conversation is malformed ({exc!r})") from exc
+            prompt = ChatPrompt(messages, calling.template_tools())
             return cls(prompt, grammar, tools=calling)
         return cls.with_json_mode(ChatPrompt(run.messages), run)
 

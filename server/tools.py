@@ -30,7 +30,9 @@ class Tool:
     def from_request(cls, raw: Mapping[str, Any]) -> Tool:
         """Either shape the schema allows: {name, description, parameters} or {type, function: {...}}."""
         spec = raw["function"] if "function" in raw else raw
-        return cls(spec["name"], spec.get("description", ""), dict(spec["parameters"]))
+        # OpenAI lets a function go without parameters: it then takes none.
+        parameters = spec.get("parameters") or {"type": "object", "properties": {}}
+        return cls(spec["name"], spec.get("description", ""), dict(parameters))
 
     def as_template_tool(self) -> dict[str, Any]:
         return {

@@ -85,6 +85,22 @@ def test_tools_and_tool_choice(oai):
         model=MODEL, messages=messages, tools=[WEATHER], tool_choice="required", max_tokens=64, temperature=0
     )
     assert forced.choices[0].message.tool_calls[0].function.name == "getWeather"
+    with pytest.raises(openai.BadRequestError):
+        oai.chat.completions.create(
+            model=MODEL,
+            messages=messages[:1],
+            tools=[WEATHER],
+            tool_choice={"type": "function", "function": {"name": "nowhere"}},
+        )
+    named = oai.chat.completions.create(
+        model=MODEL,
+        messages=messages[:1],
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "getWeather"}},
+        max_tokens=64,
+        temperature=0,
+    )
+    assert named.choices[0].message.tool_calls[0].function.name == "getWeather"
     none = oai.chat.completions.create(
         model=MODEL, messages=messages[:1], tools=[WEATHER], tool_choice="none", max_tokens=16, temperature=0
     )
@@ -205,3 +221,12 @@ def test_non_loopback_without_token_warns(tmp_path):
     assert proc.process.wait(timeout=30) == 2
     proc.stop()
     assert "no API token" in proc.log()
+
+
+def test_function_without_parameters(oai):
+    tool = {"type": "function", "function": {"name": "ping", "description": "Ping the service"}}
+    reply = oai.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Ping it."}], tools=[tool], max_tokens=32, temperature=0
+    )
+    call = reply.choices[0].message.tool_calls[0]
+    assert call.function.name == "ping" and json.loads(call.function.arguments) == {}

@@ -180,3 +180,19 @@ def test_functions_are_accepted(client):
     with_functions = assert_ok(client.post(run_url(), json=body))
     without = assert_ok(client.post(run_url(), json={k: v for k, v in body.items() if k != "functions"}))
     assert with_functions["response"] == without["response"]
+
+
+def test_malformed_tool_history_is_a_400_not_a_500(client):
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "getWeather", "arguments": "{oops"}}],
+        },
+        {"role": "tool", "content": "sunny"},
+    ]
+    body = {"messages": messages, "tools": [WEATHER], "max_tokens": 8}
+    assert_error(client.post(run_url(), json=body), 400, 5006, "tool call")
+    body["messages"][1]["tool_calls"] = [{"arguments": {}}]
+    assert_error(client.post(run_url(), json=body), 400, 5006, "tool call")
