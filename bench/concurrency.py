@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,18 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from local_server import free_port
 
 from server.config import CATALOG_PATH, PROJECT_ROOT, physical_cores
 from server.model_store import ModelStore
 
 RESULTS = PROJECT_ROOT / "bench" / "results"
 LLAMA_SERVER = PROJECT_ROOT / "bench" / ".llama-server" / "bin" / "llama-server"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def counting_prompt(start: int) -> str:

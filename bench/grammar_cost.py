@@ -11,15 +11,13 @@ does not touch, is left out; the prompt is cached alike for all three (a warm-up
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+from local_server import start_server
 
-from server.config import PROJECT_ROOT, physical_cores
+from server.config import physical_cores
 
 PROMPT = "Describe a made-up person: their name, age, city, and three hobbies."
 PERSON = {
@@ -44,19 +42,9 @@ def main() -> None:
     cli.add_argument("--model", default="smollm2-135m-instruct")
     cli.add_argument("--rounds", type=int, default=5)
     args = cli.parse_args()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [sys.executable, "-m", "server", "--port", str(port), "--model", args.model, "--parallel", "1"]
-    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
+    proc, base = start_server("--model", args.model, "--parallel", "1")
+    url = f"{base}/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
     try:
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
         rates: dict[str, list[float]] = {name: [] for name in CASES}
 
         def timed(body: dict, max_tokens: int) -> tuple[float, int]:

@@ -18,16 +18,14 @@ import argparse
 import ctypes
 import json
 import os
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
 import llama_cpp as llama
+from local_server import start_server
 
 from server.config import CATALOG_PATH, PROJECT_ROOT, physical_cores
 from server.model_store import ModelStore
@@ -128,24 +126,6 @@ class HighLevel:
         return measure(started, stamps, len(stamps))
 
 
-def start_server(model: str, threads: int) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--port", str(port), "--model", model, "--threads", str(threads), "--ctx-size", str(CTX)]
-    proc = subprocess.Popen([sys.executable, "-m", "server", *args], cwd=ROOT, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not become ready")
-
-
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--model", default="smollm2-135m-instruct")
@@ -156,7 +136,7 @@ def main() -> None:
     args = cli.parse_args()
 
     path = ModelStore(CATALOG_PATH).source(args.model).fetch()
-    proc, url = start_server(args.model, args.threads)
+    proc, url = start_server("--model", args.model, "--threads", str(args.threads), "--ctx-size", str(CTX))
     try:
         contenders = {
             "server (HTTP SSE)": lambda n: run_server(url, n),

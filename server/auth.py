@@ -12,8 +12,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.datastructures import Headers
-from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .errors import ApiError, OpenAIError
 
 AUTH_ERROR = 10000
 OPEN_PATHS = frozenset({"/", "/health", "/openapi.json"})
@@ -56,19 +57,9 @@ class TokenCheck:
             return
         status = 403 if presented else 401
         if is_openai_path(scope["path"]):
-            body: dict[str, object] = {
-                "error": {
-                    "message": "Incorrect API key provided" if presented else "Missing bearer token",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "invalid_api_key",
-                }
-            }
+            message = "Incorrect API key provided" if presented else "Missing bearer token"
+            response = OpenAIError(status, message, code="invalid_api_key").response()
         else:
-            body = {
-                "result": None,
-                "success": False,
-                "errors": [{"code": AUTH_ERROR, "message": "Authentication error"}],
-                "messages": [],
-            }
-        await JSONResponse(body, status_code=status, headers={"www-authenticate": "Bearer"})(scope, receive, send)
+            response = ApiError(status, AUTH_ERROR, "Authentication error").response()
+        response.headers["www-authenticate"] = "Bearer"
+        await response(scope, receive, send)

@@ -12,7 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .config import SCHEMAS_DIR
-from .errors import NO_SUCH_MODEL, ApiError, bad_input
+from .errors import NO_SUCH_MODEL, ApiError, bad_input, success
 from .model_store import CatalogModel, ModelStore
 
 PREFIX = "/client/v4/accounts/{account_id}/ai/models"
@@ -90,4 +90,4 @@ class ModelCatalog:
         schemas = self.schemas.get(name)
         if schemas is None:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model {name}")
-        return JSONResponse({"result": schemas, "success": True, "errors": [], "messages": []})
+        return success(schemas)

@@ -1,6 +1,9 @@
-"""Workers AI's error envelope and the error codes we answer with (see ../shared/spec/API.md)."""
+"""Workers AI's error envelope and the error codes we answer with (see ../shared/spec/API.md), and OpenAI's
+error object for the OpenAI-compatible routes."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from starlette.responses import JSONResponse
 
@@ -40,3 +43,15 @@ def bad_input(detail: str) -> ApiError:
 
 def success(result: object) -> JSONResponse:
     return JSONResponse({"result": result, "success": True, "errors": [], "messages": []})
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {
+            "error": {"message": message, "type": kind, "param": extra.get("param"), "code": extra.get("code")}
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body, status_code=self.status)

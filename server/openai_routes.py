@@ -23,7 +23,7 @@ from .adapters import AdapterStore
 from .config import SCHEMAS_DIR
 from .contract import RunRequest
 from .engine import Engine, FinishReason, Generation, GenerationFailed, SamplingParams
-from .errors import ApiError
+from .errors import ApiError, OpenAIError
 from .routes import (
     CLIENT_CLOSED,
     SESSION_HEADER,
@@ -39,18 +39,6 @@ from .tools import CallStream
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default, where Workers AI's own route uses 0.6
-
-
-class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", **extra: Any) -> None:
-        super().__init__(message)
-        self.status = status
-        self.body = {
-            "error": {"message": message, "type": kind, "param": extra.get("param"), "code": extra.get("code")}
-        }
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body, status_code=self.status)
 
 
 def from_api_error(exc: ApiError) -> OpenAIError:
@@ -307,8 +295,6 @@ class Reply:
                 yield sse.event({**usage, "choices": [], "usage": usage_payload(self.generation.usage)}, padded=False)
             yield sse.DONE
         except GenerationFailed as exc:
-            yield sse.event(
-                {"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}}, False
-            )
+            yield sse.event(OpenAIError(500, str(exc), "server_error").body, padded=False)
         finally:
             self.generation.cancel()
