@@ -11,23 +11,24 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import Response
 
 from . import openapi
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, load_tokens
-from .catalog_routes import ModelCatalog
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
-from .finetune_routes import FinetuneRoutes
 from .metrics import ServerMetrics
 from .model_store import ModelStore
-from .openai_routes import OpenAIRoutes
-from .routes import TextGenerationRoutes
+from .surfaces.catalog import ModelCatalog
+from .surfaces.finetunes import FinetuneRoutes
+from .surfaces.openai import OpenAIRoutes
+from .surfaces.operations import OperationsRoutes
+from .surfaces.workers_ai import WorkersAIRoutes
+from .text_generation import TextGeneration
 
 log = logging.getLogger("server.app")
 
@@ -64,23 +65,15 @@ def base_shape(engine: Engine) -> BaseShape | None:
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
-    text_generation = TextGenerationRoutes(engine, contracts, adapters, settings.max_body_bytes)
-    finetunes = FinetuneRoutes(adapters, settings.max_body_bytes)
-    openai = OpenAIRoutes(text_generation, engine, adapters)
-    catalog = ModelCatalog(store, lambda: engine.context_per_slot)
+    generation = TextGeneration(engine, contracts, adapters)
     metrics = ServerMetrics(engine)
-
-    async def metrics_endpoint(_request: Request) -> Response:
-        return Response(metrics.render(), media_type=metrics.content_type)
-
-    document = openapi.build(store)
-    playground = (Path(__file__).parent / "playground.html").read_text()
-
-    async def openapi_endpoint(_request: Request) -> Response:
-        return JSONResponse(document)
-
-    async def playground_endpoint(_request: Request) -> Response:
-        return HTMLResponse(playground)
+    surfaces = [
+        WorkersAIRoutes(generation, settings.max_body_bytes),
+        OpenAIRoutes(generation, settings.max_body_bytes),
+        ModelCatalog(store, lambda: engine.context_per_slot),
+        FinetuneRoutes(adapters, settings.max_body_bytes),
+        OperationsRoutes(engine, metrics, openapi.build(store)),
+    ]
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
@@ -91,15 +84,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             engine.stop()
 
     return Starlette(
-        routes=[
-            *text_generation.routes(),
-            *finetunes.routes(),
-            *openai.routes(),
-            *catalog.routes(),
-            Route("/metrics", metrics_endpoint, methods=["GET"]),
-            Route("/openapi.json", openapi_endpoint, methods=["GET"]),
-            Route("/", playground_endpoint, methods=["GET"]),
-        ],
+        routes=[route for surface in surfaces for route in surface.routes()],
         middleware=[
             Middleware(AccessLog, metrics=metrics),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),

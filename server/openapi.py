@@ -7,7 +7,7 @@ from typing import Any
 
 from .config import SCHEMAS_DIR
 from .model_store import ModelStore
-from .openai_routes import PREFIXES as OPENAI_PREFIXES
+from .surfaces.openai import PREFIXES as OPENAI_PREFIXES
 
 ACCOUNT = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
 MODEL = {

@@ -11,9 +11,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .config import SCHEMAS_DIR
-from .errors import NO_SUCH_MODEL, ApiError, bad_input, success
-from .model_store import CatalogModel, ModelStore
+from ..config import SCHEMAS_DIR
+from ..errors import NO_SUCH_MODEL, ApiError, bad_input, success
+from ..model_store import CatalogModel, ModelStore
 
 PREFIX = "/client/v4/accounts/{account_id}/ai/models"
 # Stable ids derived from model names, so a client may keep one across restarts.

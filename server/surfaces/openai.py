@@ -18,23 +18,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import sse
-from .adapters import AdapterStore
-from .config import SCHEMAS_DIR
-from .contract import RunRequest
-from .engine import Engine, FinishReason, Generation, GenerationFailed, SamplingParams
-from .errors import ApiError, OpenAIError
-from .routes import (
-    CLIENT_CLOSED,
-    SESSION_HEADER,
-    TextGenerationRoutes,
-    read_json,
-    unless_disconnected,
-    usage_payload,
-)
-from .run_plan import RunPlan
-from .stops import StopScanner
-from .tools import CallStream
+from .. import sse
+from ..config import SCHEMAS_DIR
+from ..contract import RunRequest
+from ..engine import GenerationFailed, SamplingParams
+from ..errors import ApiError, OpenAIError
+from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..text_generation import Answer, TextGeneration
 
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
 DEFAULT_MAX_TOKENS = 256
@@ -73,14 +63,6 @@ def _message(message: dict[str, Any]) -> dict[str, Any]:
     return converted
 
 
-def _finish(generation: Generation, stopped: bool, calls: list[Any]) -> str:
-    if calls:
-        return "tool_calls"
-    if stopped or generation.finish_reason is not FinishReason.LENGTH:
-        return "stop"
-    return "length"
-
-
 def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [
         {
@@ -93,11 +75,10 @@ def _tool_calls(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 class OpenAIRoutes:
-    def __init__(self, workers_ai: TextGenerationRoutes, engine: Engine, adapters: AdapterStore) -> None:
-        self.workers_ai = workers_ai  # for its submission path, shared so both APIs queue and fail alike
-        self.engine = engine
-        self.adapters = adapters
-        self.models = sorted(workers_ai.contracts)
+    def __init__(self, generation: TextGeneration, max_body: int) -> None:
+        self.generation = generation
+        self.max_body = max_body
+        self.models = generation.models
         self.chat_schema = _load_validator("openai.chat-completions.request.schema.json")
         self.completion_schema = _load_validator("openai.completions.request.schema.json")
 
@@ -186,27 +167,28 @@ class OpenAIRoutes:
         return choice["function"]["name"] if isinstance(choice, dict) else choice
 
     async def _generate(self, request: Request, chat: bool) -> Response:
-        body = self._parse(await read_json(request, self.workers_ai.max_body), chat)
+        body = self._parse(await read_json(request, self.max_body), chat)
         run = self._run_request(body, chat)
         if run.response_format is not None and run.stream:
             raise OpenAIError(400, "response_format with stream is not supported", param="response_format")
         if run.response_format is not None and run.tools:
             raise OpenAIError(400, "response_format and tools cannot be combined", param="response_format")
-        adapter = self.workers_ai.adapter_path(run.lora) if run.lora is not None else None
         choice = self._tool_choice(body)
         if choice not in ("auto", "none", "required") and choice not in {t["name"] for t in run.tools or []}:
             raise OpenAIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
-        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=choice)
-        completion = plan.completion(run, request.headers.get(SESSION_HEADER), adapter)
-        generation = await self.workers_ai.submit(completion)
-        request.state.generation = generation
         stop = _value(body, "stop", [])
-        scanner = StopScanner([stop] if isinstance(stop, str) else stop)
-        reply = Reply(body["model"], chat, plan, generation, scanner)
+        answer = await self.generation.start(
+            run,
+            session=request.headers.get(SESSION_HEADER),
+            tool_choice=choice,
+            stops=[stop] if isinstance(stop, str) else stop,
+        )
+        request.state.generation = answer.generation
+        reply = Reply(body["model"], chat, answer)
         if run.stream:
             include_usage = bool((_value(body, "stream_options", {}) or {}).get("include_usage"))
             return StreamingResponse(reply.chunks(include_usage), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        text = await unless_disconnected(request, generation, reply.text())
+        text = await unless_disconnected(request, answer.generation, answer.text())
         if text is None:
             return Response(status_code=CLIENT_CLOSED)
         return JSONResponse(reply.whole(text))
@@ -215,37 +197,19 @@ class OpenAIRoutes:
 class Reply:
     """One OpenAI response: the whole object, or its stream of chunks."""
 
-    def __init__(self, model: str, chat: bool, plan: RunPlan, generation: Generation, scanner: StopScanner) -> None:
+    def __init__(self, model: str, chat: bool, answer: Answer) -> None:
         self.model = model
         self.chat = chat
-        self.plan = plan
-        self.generation = generation
-        self.scanner = scanner
+        self.answer = answer
         self.id = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         self.created = int(time.time())
 
-    async def pieces(self) -> AsyncIterator[str]:
-        """Generated text cut at the first stop sequence; the generation is cancelled there."""
-        async for piece in self.generation:
-            text = self.scanner.feed(piece)
-            if text:
-                yield text
-            if self.scanner.stopped:
-                self.generation.cancel()
-                return
-        tail = self.scanner.flush()
-        if tail:
-            yield tail
-
-    async def text(self) -> str:
-        return "".join([piece async for piece in self.pieces()])
-
     def whole(self, text: str) -> dict[str, Any]:
-        result = self.plan.result(text)  # raises ApiError when JSON mode was not met
+        result = self.answer.result(text)  # raises ApiError when JSON mode was not met
         calls = result["tool_calls"]
-        finish = _finish(self.generation, self.scanner.stopped, calls)
+        finish = self.answer.finish_reason
         if self.chat:
-            content = text if self.plan.json_schema is not None else result["response"]
+            content = text if self.answer.plan.json_schema is not None else result["response"]
             message: dict[str, Any] = {"role": "assistant", "content": content or None, "refusal": None}
             if calls:
                 message["tool_calls"] = _tool_calls(calls)
@@ -258,7 +222,7 @@ class Reply:
             "created": self.created,
             "model": self.model,
             "choices": [choice],
-            "usage": usage_payload(self.generation.usage),
+            "usage": self.answer.usage,
             "system_fingerprint": None,
         }
 
@@ -273,28 +237,22 @@ class Reply:
         return sse.event(chunk, padded=False)
 
     async def chunks(self, include_usage: bool) -> AsyncIterator[bytes]:
-        answer = CallStream(self.plan.tools)
+        answer = self.answer
         try:
             if self.chat:
                 yield self._chunk({"role": "assistant", "content": ""})
-            async for piece in self.pieces():
-                text = answer.feed(piece)
-                if text:
-                    yield self._chunk({"content": text}, text=text)
-            text, parsed = answer.finish()
-            calls = [call.payload() for call in parsed]
-            if text:
+            async for text in answer.stream():
                 yield self._chunk({"content": text}, text=text)
-            if calls:
-                deltas = [{"index": i, **call} for i, call in enumerate(_tool_calls(calls))]
-                yield self._chunk({"tool_calls": deltas})
-            yield self._chunk({}, _finish(self.generation, self.scanner.stopped, calls))
+            if answer.calls:
+                calls = [call.payload() for call in answer.calls]
+                yield self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(_tool_calls(calls))]})
+            yield self._chunk({}, answer.finish_reason)
             if include_usage:
                 kind = "chat.completion.chunk" if self.chat else "text_completion"
                 usage = {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-                yield sse.event({**usage, "choices": [], "usage": usage_payload(self.generation.usage)}, padded=False)
+                yield sse.event({**usage, "choices": [], "usage": answer.usage}, padded=False)
             yield sse.DONE
         except GenerationFailed as exc:
             yield sse.event(OpenAIError(500, str(exc), "server_error").body, padded=False)
         finally:
-            self.generation.cancel()
+            answer.close()

@@ -7,11 +7,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .adapters import AdapterError, AdapterStore
-from .config import SCHEMAS_DIR
-from .contract import SchemaCheck
-from .errors import TOO_LARGE, ApiError, bad_input, success
-from .routes import read_json
+from ..adapters import AdapterError, AdapterStore
+from ..config import SCHEMAS_DIR
+from ..contract import SchemaCheck
+from ..errors import TOO_LARGE, ApiError, bad_input, success
+from ..http_io import read_json
 
 # Workers AI accepts adapter files under 500 MB.
 MAX_ASSET_BYTES = 500 * 1024 * 1024

@@ -1,0 +1,61 @@
+"""Workers AI's REST API: `POST .../ai/run/{model}`, answering in the Cloudflare envelope or as Server-Sent Events."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from .. import sse
+from ..engine import GenerationFailed
+from ..errors import INTERNAL, success
+from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..text_generation import Answer, TextGeneration
+
+
+async def workers_ai_events(answer: Answer) -> AsyncIterator[bytes]:
+    """Workers AI's stream: padded text events, one tool-call event, the usage event, then [DONE]; a failure after
+    the stream began becomes a final error event. The Worker binding streams the same bytes."""
+    try:
+        async for text in answer.stream():
+            yield sse.event({"response": text})
+        if answer.calls:
+            yield sse.event({"response": "", "tool_calls": [call.payload() for call in answer.calls]})
+        yield sse.event({"response": "", "usage": answer.usage})
+        yield sse.DONE
+    except GenerationFailed as exc:
+        yield sse.event({"error": {"code": INTERNAL, "message": str(exc)}}, padded=False)
+    finally:
+        # Runs when the client goes away mid-stream too (the response task is cancelled).
+        answer.close()
+
+
+async def whole_result(request: Request, answer: Answer) -> dict[str, object] | None:
+    """The finished result (`response`, `tool_calls`, `usage`), or None if the client left first."""
+    text = await unless_disconnected(request, answer.generation, answer.text())
+    if text is None:
+        return None
+    return {**answer.result(text), "usage": answer.usage}
+
+
+class WorkersAIRoutes:
+    def __init__(self, generation: TextGeneration, max_body: int) -> None:
+        self.generation = generation
+        self.max_body = max_body
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", self.run, methods=["POST"]),
+            Route("/ai/run/{model:path}", self.run, methods=["POST"]),
+        ]
+
+    async def run(self, request: Request) -> Response:
+        run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
+        answer = await self.generation.start(run, session=request.headers.get(SESSION_HEADER))
+        request.state.generation = answer.generation
+        if run.stream:
+            return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+        result = await whole_result(request, answer)
+        return Response(status_code=CLIENT_CLOSED) if result is None else success(result)

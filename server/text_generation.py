@@ -1,0 +1,150 @@
+"""The one run path every API surface translates onto: a validated run request becomes a plan, the plan becomes an
+engine request, and the engine's text becomes an answer with Workers AI's result shapes.
+
+Surfaces (Workers AI REST, the Worker binding, OpenAI) differ only in how they read a request and frame an
+answer; validation, refusals and their error codes, tool calls, JSON mode, stop sequences, usage and finish
+reasons are decided here, once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .adapters import AdapterError, AdapterStore
+from .contract import InputContract, RunRequest
+from .engine import (
+    ChatTemplateError,
+    Engine,
+    EngineNotReady,
+    FinishReason,
+    Generation,
+    GrammarError,
+    PromptTooLong,
+    QueueFull,
+    Usage,
+)
+from .errors import INVALID_MODEL_ID, NO_SUCH_MODEL, OUT_OF_CAPACITY, ApiError, bad_input
+from .run_plan import RunPlan
+from .stops import StopScanner
+from .tools import CallStream, ToolCall
+
+CAPACITY_EXCEEDED = "Capacity temporarily exceeded, please try again."
+
+
+def usage_payload(usage: Usage) -> dict[str, object]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+    }
+
+
+class Answer:
+    """One running generation as a surface consumes it: whole (`text` then `result`) or streamed (`stream`, then
+    `calls`), with `usage` and `finish_reason` once it is over."""
+
+    def __init__(self, plan: RunPlan, generation: Generation, stops: Sequence[str] = ()) -> None:
+        self.plan = plan
+        self.generation = generation
+        self.scanner = StopScanner(stops)
+        self.calls: list[ToolCall] = []
+
+    @property
+    def usage(self) -> dict[str, object]:
+        return usage_payload(self.generation.usage)
+
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's vocabulary, which Workers AI's own usage follows: tool_calls, stop or length."""
+        if self.calls:
+            return "tool_calls"
+        if self.scanner.stopped or self.generation.finish_reason is not FinishReason.LENGTH:
+            return "stop"
+        return "length"
+
+    async def pieces(self) -> AsyncIterator[str]:
+        """Generated text cut at the first stop sequence; the generation is cancelled there."""
+        async for piece in self.generation:
+            text = self.scanner.feed(piece)
+            if text:
+                yield text
+            if self.scanner.stopped:
+                self.generation.cancel()
+                return
+        tail = self.scanner.flush()
+        if tail:
+            yield tail
+
+    async def text(self) -> str:
+        return "".join([piece async for piece in self.pieces()])
+
+    def result(self, text: str) -> dict[str, Any]:
+        """`response` and `tool_calls` of the finished text; raises ApiError when JSON mode was not met."""
+        result = self.plan.result(text)
+        self.calls = [ToolCall(c["name"], c["arguments"]) for c in result["tool_calls"]]
+        return result
+
+    async def stream(self) -> AsyncIterator[str]:
+        """Text as it may be shown: an answer that could be a tool call is held back and parsed at the end, after
+        which `calls` holds the calls it made."""
+        answer = CallStream(self.plan.tools)
+        async for piece in self.pieces():
+            text = answer.feed(piece)
+            if text:
+                yield text
+        text, self.calls = answer.finish()
+        if text:
+            yield text
+
+    def close(self) -> None:
+        """Stop generating (a no-op once finished): called when a surface is done with the answer, whatever ended it."""
+        self.generation.cancel()
+
+
+class TextGeneration:
+    def __init__(self, engine: Engine, contracts: Mapping[str, InputContract], adapters: AdapterStore) -> None:
+        self.engine = engine
+        self.contracts = dict(contracts)
+        self.adapters = adapters
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self.contracts)
+
+    def parse(self, model: str, body: object) -> RunRequest:
+        """A run request for `model` from a body in the model's published input schema."""
+        contract = self.contracts.get(model)
+        if contract is None:
+            raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
+        return contract.parse(body)
+
+    async def start(
+        self, run: RunRequest, session: str | None = None, tool_choice: str = "auto", stops: Sequence[str] = ()
+    ) -> Answer:
+        """Queue a run. Refusals (bad grammar or template, too long a prompt, a full queue, a model still loading,
+        an unknown adapter) raise ApiError in Workers AI's codes before anything is generated."""
+        adapter = self.adapter_path(run.lora) if run.lora is not None else None
+        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=tool_choice)
+        try:
+            generation = await self.engine.submit(plan.completion(run, session, adapter))
+        except (GrammarError, ChatTemplateError) as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        except PromptTooLong as exc:
+            raise bad_input(f"Error: {exc}; shorten the input") from exc
+        except QueueFull as exc:
+            raise ApiError(429, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
+        except EngineNotReady as exc:
+            raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
+        return Answer(plan, generation, stops)
+
+    def adapter_path(self, name: str) -> Path:
+        try:
+            path = self.adapters.resolve(name)
+        except AdapterError as exc:
+            raise ApiError(exc.status, exc.code, str(exc)) from exc
+        if path is None:
+            raise ApiError(404, INVALID_MODEL_ID, f"Invalid model id: no LoRA adapter or fine-tune named {name!r}")
+        return path
