@@ -53,6 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         max_queue=settings.max_queue,
         on_failure=stop_serving,
+        chat_date=settings.chat_date,
     )
     log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)
 

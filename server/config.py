@@ -66,6 +66,7 @@ class Settings:
     lora_dir: str = str(Path.home() / ".cache" / "workers-ai-local" / "lora")
     api_token: str = ""
     api_token_file: str = ""
+    chat_date: str = ""
     log_level: str = "info"
 
     @property
@@ -109,6 +110,12 @@ OPTIONS: dict[str, Option] = {
         "--api-token", "WAI_API_TOKEN", "require Authorization: Bearer with this token (comma-separate several)"
     ),
     "api_token_file": Option("--api-token-file", "WAI_API_TOKEN_FILE", "a file of accepted tokens, one per line"),
+    "chat_date": Option(
+        "--chat-date",
+        "WAI_CHAT_DATE",
+        "the date a chat template writes into the prompt (Llama 3.1's system header): empty = the template's "
+        "own default, so a request gives the same prompt on any day; 'today'; or a date such as '25 Nov 2026'",
+    ),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
 }
 

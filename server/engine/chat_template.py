@@ -34,20 +34,29 @@ def _tojson(value: Any, indent: int | None = None, **_: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=indent)
 
 
+TODAY = "today"
+
+
 class ChatTemplate:
-    def __init__(self, source: str | None, bos_token: str, eos_token: str) -> None:
+    def __init__(self, source: str | None, bos_token: str, eos_token: str, date: str = "") -> None:
+        """`date`: what the template's `date_string` says. Empty: the template's own default (Llama 3.1's is
+        "26 Jul 2024"), so the same request gives the same prompt, cache and answer on any day; "today": the
+        date of each request, as Hugging Face renders it; anything else: that text."""
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
         )
         env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        if date == TODAY:
+            # Templates that read the clock themselves (Llama 3.2's calls strftime_now) do so only when asked.
+            env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self.source = source or CHATML
         self._template = env.from_string(self.source)
         # Templates that render tool definitions themselves (Llama 3.1's) read a `tools` variable.
         self.knows_tools = "tools" in meta.find_undeclared_variables(env.parse(self.source))
         self._bos_token = bos_token
         self._eos_token = eos_token
+        self._date = date
 
     def render(
         self,
@@ -55,6 +64,9 @@ class ChatTemplate:
         tools: Sequence[Mapping[str, Any]] | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
+        variables: dict[str, Any] = {}
+        if self._date:
+            variables["date_string"] = datetime.now().strftime("%d %b %Y") if self._date == TODAY else self._date
         try:
             return self._template.render(
                 messages=[dict(m) for m in messages],
@@ -62,7 +74,7 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self._bos_token,
                 eos_token=self._eos_token,
-                date_string=datetime.now().strftime("%d %b %Y"),
+                **variables,
             )
         except ChatTemplateError:
             raise

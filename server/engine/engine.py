@@ -149,8 +149,10 @@ class Engine:
         settings: ContextSettings,
         max_queue: int = 0,
         on_failure: Callable[[str], None] | None = None,
+        chat_date: str = "",
     ) -> None:
         self.fetch_model = fetch_model
+        self.chat_date = chat_date  # see ChatTemplate: empty keeps prompts the same on any day
         self.settings = settings
         self.max_queue = max_queue  # 0: unbounded
         self.on_failure = on_failure
@@ -258,6 +260,7 @@ class Engine:
                 self.model.chat_template(),
                 bos_token=self.model.token_text(self.model.bos),
                 eos_token=self.model.token_text(llama.llama_vocab_eos(self.model.vocab)),
+                date=self.chat_date,
             )
         except Exception as exc:
             self.error = f"the model could not be loaded: {exc}"

@@ -105,6 +105,7 @@ class LlamaModel:
         self._adapters: dict[Path, llama.llama_adapter_lora_p] = {}
         self._active_adapter: Path | None = None
         self.bos = llama.llama_vocab_bos(self.vocab)
+        self.bos_text = self.token_text(self.bos) if self.bos >= 0 else "\0"
         self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self.description = self._string(lambda buf, n: llama.llama_model_desc(self.model, buf, n))
@@ -133,19 +134,17 @@ class LlamaModel:
     def tokenize(self, text: str) -> list[int]:
         """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice."""
         data = text.encode("utf-8")
+        # A template or raw prompt that already spells out the BOS text gets it parsed as BOS; asking llama.cpp to
+        # add its own as well would give two (which measurably degrades Llama 3 output, and llama.cpp warns).
+        add_special = not (self.adds_bos and text.startswith(self.bos_text))
         capacity = len(data) + 2
         tokens = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
+        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
         if n < 0:
             capacity = -n
             tokens = (llama.llama_token * capacity)()
-            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, True, True)
-        result = list(tokens[:n])
-        # A template or raw prompt that already spells out the BOS text gets it parsed, and llama.cpp prepends
-        # another; two BOS tokens measurably degrade Llama 3 output.
-        if self.adds_bos and len(result) >= 2 and result[0] == self.bos and result[1] == self.bos:
-            del result[0]
-        return result
+            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
+        return list(tokens[:n])
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for; control tokens (EOS, headers) render as nothing."""
