@@ -12,6 +12,7 @@ from .app import create_app
 from .config import CATALOG_PATH, load_settings
 from .engine import ContextSettings, Engine, EngineState
 from .model_store import ModelSourceError, ModelStore
+from .surfaces.binding import UpgradeProbeFilter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -64,6 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_level=settings.log_level,
         access_log=False,
     )
+    logging.getLogger("uvicorn.error").addFilter(UpgradeProbeFilter())
     server = uvicorn.Server(config)
     server.run()
     return 1 if engine.state is EngineState.FAILED else 0

@@ -23,6 +23,7 @@ from .engine import Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
 from .metrics import ServerMetrics
 from .model_store import ModelStore
+from .surfaces.binding import BindingRoutes, MiniflareProxy
 from .surfaces.catalog import ModelCatalog
 from .surfaces.finetunes import FinetuneRoutes
 from .surfaces.openai import OpenAIRoutes
@@ -69,6 +70,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
     metrics = ServerMetrics(engine)
     surfaces = [
         WorkersAIRoutes(generation, settings.max_body_bytes),
+        BindingRoutes(generation, settings.max_body_bytes),
         OpenAIRoutes(generation, settings.max_body_bytes),
         ModelCatalog(store, lambda: engine.context_per_slot),
         FinetuneRoutes(adapters, settings.max_body_bytes),
@@ -85,7 +87,9 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
 
     return Starlette(
         routes=[route for surface in surfaces for route in surface.routes()],
+        # Outermost first: a Miniflare-forwarded request is unwrapped before it is logged, counted or authorized.
         middleware=[
+            Middleware(MiniflareProxy),
             Middleware(AccessLog, metrics=metrics),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
         ],

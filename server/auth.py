@@ -17,7 +17,9 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .errors import ApiError, OpenAIError
 
 AUTH_ERROR = 10000
+# Open to GET alone: `POST /` is the Worker binding's endpoint, which runs the model like any API route.
 OPEN_PATHS = frozenset({"/", "/health", "/openapi.json"})
+OPEN_METHODS = frozenset({"GET", "HEAD"})
 
 
 def load_tokens(tokens: str, token_file: str) -> list[str]:
@@ -46,8 +48,12 @@ class TokenCheck:
         matches = [hmac.compare_digest(candidate, token) for token in self.tokens]
         return any(matches)
 
+    @staticmethod
+    def _open(scope: Scope) -> bool:
+        return scope["path"] in OPEN_PATHS and scope["method"] in OPEN_METHODS
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.tokens or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.tokens or self._open(scope):
             await self.app(scope, receive, send)
             return
         header = Headers(scope=scope).get("authorization", "")

@@ -104,7 +104,32 @@ def build(store: ModelStore) -> dict[str, Any]:
             },
         }
     }
+    binding_run = {
+        "post": {
+            "summary": "The Worker binding's run request (env.AI.run), sent by workerd or forwarded by Miniflare",
+            "parameters": [
+                {"name": "cf-consn-model-id", "in": "header", "required": False, "schema": {"type": "string"}},
+                {"name": "version", "in": "query", "required": False, "schema": {"type": "string"}},
+            ],
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BindingRun"}}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The bare result, or Server-Sent Events when inputs.stream is true",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/RunResult"}},
+                        "text/event-stream": {"schema": {"type": "string"}},
+                    },
+                },
+                **ERRORS,
+            },
+        }
+    }
     paths: dict[str, Any] = {
+        "/run": binding_run,
+        "/ai-gateway/run": binding_run,
         "/client/v4/accounts/{account_id}/ai/run/{model}": run,
         "/ai/run/{model}": run,
         "/client/v4/accounts/{account_id}/ai/models/search": {
@@ -166,7 +191,24 @@ def build(store: ModelStore) -> dict[str, Any]:
             "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition"}}}
         },
         "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
-        "/": {"get": {"summary": "The browser playground", "responses": {"200": {"description": "text/html"}}}},
+        "/": {
+            "get": {"summary": "The browser playground", "responses": {"200": {"description": "text/html"}}},
+            "post": {
+                **binding_run["post"],
+                "summary": "The Worker binding's request as Miniflare's remote proxy forwards it (the inner URL in "
+                "MF-URL, original headers as MF-Header-*); with API tokens, the connection string is /binding/<token>",
+                "parameters": [
+                    {"name": "MF-URL", "in": "header", "required": True, "schema": {"type": "string"}},
+                    {"name": "MF-Binding", "in": "header", "required": False, "schema": {"type": "string"}},
+                ],
+            },
+        },
+        "/ai-api/models/search": {
+            "get": {
+                "summary": "The served models, as a Worker's env.AI.models() asks for them",
+                "responses": {"200": _json(_envelope({"type": "array", "items": {"type": "object"}})), **ERRORS},
+            }
+        },
     }
     for prefix in OPENAI_PREFIXES:
         paths[f"{prefix}/chat/completions"] = _openai_post(
@@ -200,6 +242,11 @@ def build(store: ModelStore) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "RunInput": run_input,
+                "BindingRun": {
+                    "type": "object",
+                    "properties": {"inputs": {"$ref": "#/components/schemas/RunInput"}, "options": {"type": "object"}},
+                    "required": ["inputs"],
+                },
                 "RunResult": {k: v for k, v in json_result.items() if k != "contentType"},
                 "ChatCompletionRequest": chat,
                 "CompletionRequest": completion,

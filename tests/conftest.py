@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -17,6 +18,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "@cf/meta/llama-3.1-8b-instruct-fast"
 # Small enough that the context-limit paths are cheap to reach with the embedded model.
 TEST_CTX = 1024
+# The token of the `guarded` server, whose body limit is also small enough to pass cheaply.
+GUARD_TOKEN = "flag-token"
+GUARD_BODY_LIMIT = 32768
 
 
 def free_port() -> int:
@@ -30,6 +34,7 @@ class ServerProcess:
 
     def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
+        self.max_body_bytes = int(args[args.index("--max-body-bytes") + 1]) if "--max-body-bytes" in args else 4 << 20
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
@@ -86,6 +91,32 @@ def server(tmp_path_factory: pytest.TempPathFactory, lora_dir: Path) -> Iterator
 
 
 @pytest.fixture(scope="session")
+def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A server that wants API tokens (one by flag, one from a file) and takes small bodies only."""
+    folder = tmp_path_factory.mktemp("guarded")
+    (folder / "tokens").write_text("# team tokens\nfile-token\n")
+    proc = ServerProcess(
+        folder / "server.log", "--api-token", GUARD_TOKEN, "--api-token-file", str(folder / "tokens"),
+        "--max-body-bytes", str(GUARD_BODY_LIMIT), "--ctx-size", "512", "--parallel", "1",
+    )  # fmt: skip
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One slot and room for one waiting request: the third concurrent request is refused."""
+    log = tmp_path_factory.mktemp("tight") / "server.log"
+    proc = ServerProcess(log, "--parallel", "1", "--max-queue", "1", "--ctx-size", "1024")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as http:
         yield http
@@ -93,3 +124,21 @@ def client(server: ServerProcess) -> Iterator[httpx.Client]:
 
 def run_url(model: str = MODEL, account: str = "0123456789abcdef") -> str:
     return f"/client/v4/accounts/{account}/ai/run/{model}"
+
+
+def metric(text: str, name: str, labels: str = "", absent: float | None = None) -> float:
+    """A sample of /metrics; `absent` is its value when the series is not there yet (a label never counted)."""
+    match = re.search(rf"^{re.escape(name + labels)} (\S+)$", text, re.MULTILINE)
+    if match is None and absent is not None:
+        return absent
+    assert match, f"{name}{labels} not in /metrics"
+    return float(match.group(1))
+
+
+def wait_idle(client: httpx.Client, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if client.get("/health").json()["slots_busy"] == 0:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the slot is still busy: the generation was not cancelled")

@@ -16,6 +16,8 @@ from ..errors import NO_SUCH_MODEL, ApiError, bad_input, success
 from ..model_store import CatalogModel, ModelStore
 
 PREFIX = "/client/v4/accounts/{account_id}/ai/models"
+# What a Worker's env.AI.models() asks for (see surfaces/binding.py); it reads `result` of the same answer.
+BINDING_MODELS_PATH = "/ai-api/models/search"
 # Stable ids derived from model names, so a client may keep one across restarts.
 _ID_NAMESPACE = uuid.UUID("5b0e8c55-2f1c-4b5e-9a57-1c5ea3d0a1f4")
 
@@ -54,6 +56,7 @@ class ModelCatalog:
     def routes(self) -> list[Route]:
         return [
             Route(PREFIX + "/search", self.search, methods=["GET"]),
+            Route(BINDING_MODELS_PATH, self.search, methods=["GET"]),
             Route(PREFIX + "/schema", self.schema, methods=["GET"]),
         ]
 
