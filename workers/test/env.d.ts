@@ -1,0 +1,6 @@
+declare module "cloudflare:test" {
+  interface ProvidedEnv extends Env {}
+}
+interface Env {
+  AI: Ai;
+}
