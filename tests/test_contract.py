@@ -41,33 +41,51 @@ def counts(usage: dict) -> tuple[int, int, int]:
     return usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]
 
 
+# The model page's published bounds, written out here rather than read from schemas/: a schema file that loosens
+# or tightens one fails these tests.
+PUBLISHED_BOUNDS: dict[str, dict[str, int | float]] = {
+    "temperature": {"minimum": 0, "maximum": 5},
+    "top_p": {"minimum": 0, "maximum": 2},
+    "top_k": {"minimum": 1, "maximum": 50},
+    "seed": {"minimum": 1, "maximum": 9999999999},
+    "repetition_penalty": {"minimum": 0, "maximum": 2},
+    "frequency_penalty": {"minimum": 0, "maximum": 2},
+    "presence_penalty": {"minimum": 0, "maximum": 2},
+}
+PROMPT_LENGTH = {"minLength": 1, "maxLength": 131072}
+MESSAGE_CONTENT_MAX = 131072
+INTEGERS = {"top_k", "seed"}
+
+
 def bound_cases() -> list[tuple[str, str, str, object, object]]:
     """(branch, property, bound keyword, a value just past the bound, the bound itself) for every bound."""
     cases = []
-    for title, branch in BRANCHES.items():
-        for name, prop in branch["properties"].items():
-            if "minimum" in prop:
-                step = 1 if prop["type"] == "integer" else 0.01
-                cases.append((title, name, "minimum", prop["minimum"] - step, prop["minimum"]))
-            if "maximum" in prop:
-                step = 1 if prop["type"] == "integer" else 0.01
-                cases.append((title, name, "maximum", prop["maximum"] + step, prop["maximum"]))
-            if "minLength" in prop:
-                cases.append((title, name, "minLength", "x" * (prop["minLength"] - 1), "x" * prop["minLength"]))
-            if "maxLength" in prop:
-                cases.append((title, name, "maxLength", "x" * (prop["maxLength"] + 1), "x" * prop["maxLength"]))
+    for branch in BRANCHES:
+        for name, bounds in PUBLISHED_BOUNDS.items():
+            step = 1 if name in INTEGERS else 0.01
+            cases.append((branch, name, "minimum", bounds["minimum"] - step, bounds["minimum"]))
+            cases.append((branch, name, "maximum", bounds["maximum"] + step, bounds["maximum"]))
+    low, high = PROMPT_LENGTH["minLength"], PROMPT_LENGTH["maxLength"]
+    cases.append(("Prompt", "prompt", "minLength", "x" * (low - 1), "x" * low))
+    cases.append(("Prompt", "prompt", "maxLength", "x" * (high + 1), "x" * high))
     return cases
 
 
 CASES = bound_cases()
 
 
-def test_every_published_bound_is_covered():
-    covered = {(branch, name) for branch, name, *_ in CASES}
-    numeric = {"temperature", "top_p", "top_k", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty"}
-    for branch in BRANCHES:
-        assert {(branch, name) for name in numeric} <= covered
-    assert ("Prompt", "prompt") in covered
+def test_the_schema_publishes_exactly_the_pinned_bounds():
+    for branch in BRANCHES.values():
+        published = {
+            name: {k: v for k, v in prop.items() if k in ("minimum", "maximum")}
+            for name, prop in branch["properties"].items()
+            if "minimum" in prop or "maximum" in prop
+        }
+        assert published == PUBLISHED_BOUNDS
+    prompt = BRANCHES["Prompt"]["properties"]["prompt"]
+    assert {k: prompt[k] for k in PROMPT_LENGTH} == PROMPT_LENGTH
+    content = BRANCHES["Messages"]["properties"]["messages"]["items"]["properties"]["content"]
+    assert content["maxLength"] == MESSAGE_CONTENT_MAX
 
 
 @pytest.mark.parametrize(
@@ -89,9 +107,9 @@ def test_schema_bound(client, branch, name, keyword, past, at):
 
 
 def test_message_content_bound(client):
-    limit = BRANCHES["Messages"]["properties"]["messages"]["items"]["properties"]["content"]["maxLength"]
-    too_long = {"messages": [{"role": "user", "content": "x" * (limit + 1)}]}
-    assert_error(client.post(run_url(), json=too_long), 400, 5006, "'/messages/0/content'", f"at most {limit}")
+    too_long = {"messages": [{"role": "user", "content": "x" * (MESSAGE_CONTENT_MAX + 1)}]}
+    message = f"at most {MESSAGE_CONTENT_MAX}"
+    assert_error(client.post(run_url(), json=too_long), 400, 5006, "'/messages/0/content'", message)
 
 
 def test_type_mismatch_names_path_and_types(client):

@@ -39,6 +39,7 @@ def test_auth_is_refused_without_a_token_and_accepted_with_one(guarded: ServerPr
         body = {"prompt": "Say hi.", "max_tokens": 2}
         assert surface.error(surface.post(http, body), 401)
         assert surface.error(surface.post(http, body, token="not-the-token"), 403)
+        assert surface.error(surface.post(http, body, token=GUARD_TOKEN[:-1]), 403)
         after = http.get("/metrics", headers={"authorization": f"Bearer {GUARD_TOKEN}"}).text
         # Refused before any model work: not one prompt token was counted.
         assert metric(after, "workers_ai_prompt_tokens_total") == metric(before, "workers_ai_prompt_tokens_total")

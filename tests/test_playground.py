@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from pathlib import Path
+import subprocess
 
 import pytest
 from conftest import PROJECT_ROOT
@@ -27,6 +27,17 @@ FLAGS = [
 if CHROMIUM is None and os.environ.get("CI"):
     pytest.fail("chromium is missing: `make test` installs it with apt-get", pytrace=False)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (make test installs it)")
+
+
+def save_screenshot(page) -> None:
+    """The page as a person sees it, kept as a test artifact that git ignores."""
+    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+    png = SCREENSHOT.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert int.from_bytes(png[16:20], "big") == 1280  # IHDR width: the whole viewport
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(SCREENSHOT)], cwd=PROJECT_ROOT)
+    assert ignored.returncode == 0, "tests/artifacts/ must stay out of the repository"
 
 
 @pytest.fixture(scope="module")
@@ -84,9 +95,7 @@ def test_chat_streams_and_sends_every_control(server, page):
     page.locator(".message.assistant").nth(1).locator(".usage").wait_for(timeout=60_000)
     assert [m["role"] for m in sent[-1]["messages"]] == ["system", "user", "assistant", "user"]
 
-    SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOT), full_page=True)
-    assert SCREENSHOT.stat().st_size > 10_000
+    save_screenshot(page)
 
 
 def test_tools_editor_shows_tool_calls(server, page):
@@ -116,7 +125,3 @@ def test_bad_tools_json_is_reported_in_the_page(server, page):
     page.click("#send")
     page.locator(".message.error").wait_for(timeout=10_000)
     assert "not valid JSON" in page.locator(".message.error").inner_text()
-
-
-def test_screenshot_path_is_under_tests_artifacts():
-    assert SCREENSHOT.is_relative_to(Path(PROJECT_ROOT))
