@@ -8,6 +8,7 @@ reasons are decided here, once.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,17 @@ class TextGeneration:
         except EngineNotReady as exc:
             raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
         return Answer(plan, generation, stops)
+
+    async def prompt(self, run: RunRequest, tool_choice: str = "auto") -> tuple[str, list[int]]:
+        """The text and the tokens a run would feed the model, without running it."""
+        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=tool_choice)
+        try:
+            text = self.engine.prompt_text(plan.prompt)
+            return text, await asyncio.to_thread(self.engine.prompt_tokens, plan.prompt)
+        except ChatTemplateError as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        except EngineNotReady as exc:
+            raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
 
     def adapter_path(self, name: str) -> Path:
         try:

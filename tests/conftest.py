@@ -16,6 +16,9 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "@cf/meta/llama-3.1-8b-instruct-fast"
+# The stand-in model generator, shared with the benchmarks, and where its models are built (once, then reused).
+sys.path.insert(0, str(PROJECT_ROOT / "models"))
+STANDIN_CACHE = Path(os.environ.get("WAI_STANDIN_CACHE") or Path.home() / ".cache" / "workers-ai-local" / "standin")
 # Small enough that the context-limit paths are cheap to reach with the embedded model.
 TEST_CTX = 1024
 # The token of the `guarded` server, whose body limit is also small enough to pass cheaply.

@@ -207,13 +207,19 @@ class Engine:
     def context_per_slot(self) -> int:
         return self.model.n_ctx_seq if self.model else 0
 
-    def prompt_tokens(self, prompt: Prompt) -> list[int]:
-        """The tokens a prompt becomes. Thread-safe: reads only the vocabulary."""
+    def prompt_text(self, prompt: Prompt) -> str:
+        """The text a prompt becomes: raw text as is, turns through the model's chat template."""
         if self.model is None or self.template is None:
             raise EngineNotReady(self.error or "the model is still loading")
         if isinstance(prompt, TextPrompt):
-            return self.model.tokenize(prompt.text)
-        return self.model.tokenize(self.template.render(prompt.messages, prompt.tools))
+            return prompt.text
+        return self.template.render(prompt.messages, prompt.tools)
+
+    def prompt_tokens(self, prompt: Prompt) -> list[int]:
+        """The tokens a prompt becomes. Thread-safe: reads only the vocabulary."""
+        text = self.prompt_text(prompt)
+        assert self.model is not None
+        return self.model.tokenize(text)
 
     def _prepare(self, request: CompletionRequest) -> list[int]:
         # A grammar llama.cpp cannot parse is refused here, before the request queues, not in the engine loop.

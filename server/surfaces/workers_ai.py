@@ -49,6 +49,7 @@ class WorkersAIRoutes:
         return [
             Route("/client/v4/accounts/{account_id}/ai/run/{model:path}", self.run, methods=["POST"]),
             Route("/ai/run/{model:path}", self.run, methods=["POST"]),
+            Route("/ai/tokenize/{model:path}", self.tokenize, methods=["POST"]),
         ]
 
     async def run(self, request: Request) -> Response:
@@ -59,3 +60,10 @@ class WorkersAIRoutes:
             return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
         result = await whole_result(request, answer)
         return Response(status_code=CLIENT_CLOSED) if result is None else success(result)
+
+    async def tokenize(self, request: Request) -> Response:
+        """An extension for debugging prompts: the text and token ids a run body becomes, chat template, tools and
+        special tokens applied, exactly as `/ai/run` would feed them to the model."""
+        run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
+        text, tokens = await self.generation.prompt(run)
+        return success({"prompt": text, "tokens": tokens})
