@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
 from server.config import PROJECT_ROOT
+
+# The stand-in models of Llama 3.1 (models/llama31_standin.py), built on first use into the tests' cache.
+sys.path.insert(0, str(PROJECT_ROOT / "models"))
+STANDIN_CACHE = Path(os.environ.get("WAI_STANDIN_CACHE") or Path.home() / ".cache" / "workers-ai-local" / "standin")
+STANDINS = {"llama31-tiny": "tiny", "llama31-8b": "llama31_8b_q4_k_m"}
+
+
+def model_source(name: str) -> str:
+    """A --model value: a stand-in's name becomes its built file (the 8B takes minutes the first time)."""
+    if name not in STANDINS:
+        return name
+    import llama31_standin
+
+    return str(getattr(llama31_standin, STANDINS[name])(STANDIN_CACHE))
 
 
 def free_port() -> int:

@@ -15,11 +15,36 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from .contract import RunRequest, response_schema
-from .engine import ChatPrompt, CompletionRequest, Grammar, GrammarError, Prompt, TextPrompt, schema_grammar
+from .engine import ChatPrompt, CompletionRequest, Grammar, Prompt, TextPrompt
 from .errors import BAD_INPUT, ApiError, bad_input
 from .tools import Tool, ToolCalling
 
 JSON_MODE_UNMET = "JSON Mode couldn't be met"
+# JSON mode shows the model the shape it must fill (as llama.cpp's and Ollama's documentation advise): a small
+# model held to a grammar it was never told about writes prose into the first string it may. A request whose
+# messages already speak of JSON has described the format itself and gets nothing more.
+JSON_INSTRUCTION = "Answer with a JSON object that validates against this JSON Schema, and nothing else:\n{schema}"
+JSON_OBJECT_INSTRUCTION = "Answer with a JSON object, and nothing else."
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What the served model's template and vocabulary decide about a run."""
+
+    native_tools: bool = False  # its chat template renders tools and calls itself
+    python_tag: bool = False  # it marks calls with Llama 3.1's <|python_tag|>
+
+
+def with_json_instruction(messages: list[dict[str, Any]], fmt: dict[str, Any]) -> list[dict[str, Any]]:
+    if any("json" in str(m.get("content", "")).lower() for m in messages):
+        return messages
+    if fmt["type"] == "json_object":
+        instruction = JSON_OBJECT_INSTRUCTION
+    else:
+        instruction = JSON_INSTRUCTION.format(schema=json.dumps(response_schema(fmt), ensure_ascii=False))
+    if messages and messages[0]["role"] == "system":
+        return [{**messages[0], "content": f"{messages[0]['content']}\n\n{instruction}"}, *messages[1:]]
+    return [{"role": "system", "content": instruction}, *messages]
 
 
 @dataclass(frozen=True)
@@ -30,38 +55,37 @@ class RunPlan:
     json_schema: dict[str, Any] | None = None
 
     @classmethod
-    def build(cls, run: RunRequest, native_tools: bool, tool_choice: str = "auto") -> RunPlan:
+    def build(cls, run: RunRequest, traits: ModelTraits, tool_choice: str = "auto") -> RunPlan:
         if run.messages is None:
             assert run.prompt is not None
             if run.raw:
                 return cls.with_json_mode(TextPrompt(run.prompt), run)
             return cls.with_json_mode(ChatPrompt([{"role": "user", "content": run.prompt}]), run)
         if run.tools:
-            calling = ToolCalling([Tool.from_request(t) for t in run.tools], native=native_tools, choice=tool_choice)
-            try:
-                grammar = calling.grammar(run.messages)
-            except GrammarError as exc:
-                raise bad_input(f"Error: a tool's parameters: {exc}") from exc
+            tools = [Tool.from_request(t) for t in run.tools]
+            calling = ToolCalling(tools, native=traits.native_tools, choice=tool_choice, python_tag=traits.python_tag)
             try:
                 messages = calling.prompt_messages(run.messages)
             except (ValueError, KeyError, TypeError, AttributeError) as exc:
                 # An earlier turn's tool call whose arguments are not a JSON object, or that names no function.
                 raise bad_input(f"Error: '/messages': a tool call in the conversation is malformed ({exc!r})") from exc
             prompt = ChatPrompt(messages, calling.template_tools())
-            return cls(prompt, grammar, tools=calling)
+            return cls(prompt, calling.grammar(run.messages), tools=calling)
         return cls.with_json_mode(ChatPrompt(run.messages), run)
 
     @classmethod
     def with_json_mode(cls, prompt: Prompt, run: RunRequest) -> RunPlan:
-        if run.response_format is None:
+        fmt = run.response_format
+        if fmt is None:
             return cls(prompt)
-        schema = response_schema(run.response_format)
+        schema = response_schema(fmt)
         try:
             Draft202012Validator.check_schema(schema)
-            grammar = Grammar(schema_grammar(schema))
-        except (SchemaError, GrammarError) as exc:
-            raise bad_input(f"Error: '/response_format/json_schema' cannot be used: {exc}") from exc
-        return cls(prompt, grammar, json_schema=schema)
+        except SchemaError as exc:
+            raise bad_input(f"Error: '/response_format/json_schema' is not a JSON Schema: {exc.message}") from exc
+        if isinstance(prompt, ChatPrompt):
+            prompt = ChatPrompt(with_json_instruction(list(prompt.messages), fmt), prompt.tools)
+        return cls(prompt, Grammar.json_document(schema), json_schema=schema)
 
     def completion(self, run: RunRequest, session: str | None, adapter: Path | None = None) -> CompletionRequest:
         return CompletionRequest(
@@ -82,7 +106,7 @@ class RunPlan:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as exc:
-            # The grammar only allows valid JSON, so this is an answer cut short by max_tokens.
+            # The engine closes every document within the budget; only a cancelled generation ends early.
             message = f"{JSON_MODE_UNMET}: the answer ended early ({exc}); raise max_tokens"
             raise ApiError(400, BAD_INPUT, message) from exc
         errors = [e.message for e in Draft202012Validator(self.json_schema).iter_errors(value)]

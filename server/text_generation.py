@@ -16,6 +16,7 @@ from typing import Any
 from .adapters import AdapterError, AdapterStore
 from .contract import InputContract, RunRequest
 from .engine import (
+    BudgetTooSmall,
     ChatTemplateError,
     Engine,
     EngineNotReady,
@@ -27,7 +28,7 @@ from .engine import (
     Usage,
 )
 from .errors import INVALID_MODEL_ID, NO_SUCH_MODEL, OUT_OF_CAPACITY, ApiError, bad_input
-from .run_plan import RunPlan
+from .run_plan import ModelTraits, RunPlan
 from .stops import StopScanner
 from .tools import CallStream, ToolCall
 
@@ -115,6 +116,10 @@ class TextGeneration:
     def models(self) -> list[str]:
         return sorted(self.contracts)
 
+    @property
+    def traits(self) -> ModelTraits:
+        return ModelTraits(native_tools=self.engine.native_tools, python_tag=self.engine.python_tag)
+
     def parse(self, model: str, body: object) -> RunRequest:
         """A run request for `model` from a body in the model's published input schema."""
         contract = self.contracts.get(model)
@@ -128,10 +133,15 @@ class TextGeneration:
         """Queue a run. Refusals (bad grammar or template, too long a prompt, a full queue, a model still loading,
         an unknown adapter) raise ApiError in Workers AI's codes before anything is generated."""
         adapter = self.adapter_path(run.lora) if run.lora is not None else None
-        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=tool_choice)
+        plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
+        constrained = "'/response_format/json_schema'" if plan.json_schema is not None else "a tool's parameters"
         try:
             generation = await self.engine.submit(plan.completion(run, session, adapter))
-        except (GrammarError, ChatTemplateError) as exc:
+        except GrammarError as exc:
+            raise bad_input(f"Error: {constrained} cannot be enforced: {exc}") from exc
+        except BudgetTooSmall as exc:
+            raise bad_input(f"Error: {exc}; raise max_tokens to at least {exc.needed}") from exc
+        except ChatTemplateError as exc:
             raise bad_input(f"Error: {exc}") from exc
         except PromptTooLong as exc:
             raise bad_input(f"Error: {exc}; shorten the input") from exc
@@ -143,7 +153,7 @@ class TextGeneration:
 
     async def prompt(self, run: RunRequest, tool_choice: str = "auto") -> tuple[str, list[int]]:
         """The text and the tokens a run would feed the model, without running it."""
-        plan = RunPlan.build(run, native_tools=self.engine.native_tools, tool_choice=tool_choice)
+        plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
         try:
             text = self.engine.prompt_text(plan.prompt)
             return text, await asyncio.to_thread(self.engine.prompt_tokens, plan.prompt)

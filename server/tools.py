@@ -3,9 +3,9 @@
 Two prompt formats. A chat template that knows tools (Llama 3.1's renders them into the conversation and asks
 for `{"name": ..., "parameters": {...}}`) gets them handed over as Hugging Face templates expect. A template that
 knows nothing of tools (the embedded SmolLM2) gets them described in a system turn of ours, asking for
-`{"name": ..., "arguments": {...}}`. Either way the moment the answer opens with `{`, decoding is constrained by a
-grammar built from the declared tools' parameter schemas, so every call names a declared tool and its arguments
-validate against that tool's schema.
+`{"name": ..., "arguments": {...}}`. Either way decoding follows a grammar built from the declared tools' parameter
+schemas: an answer that opens with `{` (or Llama 3.1's `<|python_tag|>`) is calls, each naming a declared tool with
+arguments that validate against its schema, and a call is always completed within the token budget.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Grammar
-from .engine.grammar import schema_grammar
 
 
 @dataclass(frozen=True)
@@ -33,6 +32,12 @@ class Tool:
         # OpenAI lets a function go without parameters: it then takes none.
         parameters = spec.get("parameters") or {"type": "object", "properties": {}}
         return cls(spec["name"], spec.get("description", ""), dict(parameters))
+
+    @property
+    def arguments_schema(self) -> dict[str, Any]:
+        """What a call's arguments must be: the parameters, closed to undeclared arguments unless they say
+        otherwise (JSON Schema would allow them, and no function expects a model's inventions)."""
+        return {"additionalProperties": False, **self.parameters}
 
     def as_template_tool(self) -> dict[str, Any]:
         return {
@@ -57,12 +62,35 @@ To call a tool, answer with only a JSON object of this form and nothing else:
 {{"name": "<tool name>", "arguments": {{<the arguments, as the tool's parameters describe>}}}}
 Otherwise answer in plain text."""
 
-# The answer becomes a call the moment it opens a JSON object; the grammar takes over from that brace.
-CALL_TRIGGER = r"^\s*(\{)[\s\S]*$"
-GENERIC_MAX_STRING = 64
 
-# Any answer that does not open with a brace (a small model otherwise imitates the call it sees above).
-PLAIN_TEXT = "root ::= [^{ \\t\\r\\n] .*"
+DEFINITIONS = ("$defs", "definitions")
+
+
+def _with_refs_renamed(schema: Any, renames: Mapping[str, str]) -> Any:
+    if isinstance(schema, list):
+        return [_with_refs_renamed(item, renames) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    renamed = {key: _with_refs_renamed(value, renames) for key, value in schema.items()}
+    if isinstance(schema.get("$ref"), str) and schema["$ref"] in renames:
+        renamed["$ref"] = renames[schema["$ref"]]
+    return renamed
+
+
+def hoisted_definitions(index: int, parameters: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A tool's parameters without their `$defs`, and those definitions renamed for the call's root: a `$ref`
+    points from the root of the schema it is in, which is the call wrapper once parameters are embedded there."""
+    definitions: dict[str, Any] = {}
+    renames: dict[str, str] = {}
+    for keyword in DEFINITIONS:
+        for name, definition in (parameters.get(keyword) or {}).items():
+            unique = f"tool{index}_{name}"
+            definitions[unique] = definition
+            renames[f"#/{keyword}/{name}"] = f"#/$defs/{unique}"
+    if not definitions:
+        return parameters, {}
+    stripped = {k: v for k, v in parameters.items() if k not in DEFINITIONS}
+    return _with_refs_renamed(stripped, renames), _with_refs_renamed(definitions, renames)
 
 
 def _call_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -74,26 +102,15 @@ def _call_arguments(call: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     return spec["name"], arguments
 
 
-def bounded_strings(schema: Any) -> Any:
-    """A copy of a JSON Schema in which every string without a maxLength gets GENERIC_MAX_STRING."""
-    if isinstance(schema, list):
-        return [bounded_strings(item) for item in schema]
-    if not isinstance(schema, dict):
-        return schema
-    bounded = {key: bounded_strings(value) for key, value in schema.items()}
-    if schema.get("type") == "string" and "maxLength" not in schema and "enum" not in schema:
-        bounded["maxLength"] = GENERIC_MAX_STRING
-    return bounded
-
-
 class ToolCalling:
-    def __init__(self, tools: Sequence[Tool], native: bool, choice: str = "auto") -> None:
+    def __init__(self, tools: Sequence[Tool], native: bool, choice: str = "auto", python_tag: bool = False) -> None:
         """`native`: the model's chat template renders tools and tool calls itself. `choice`: OpenAI's
         tool_choice: "auto" (the policy above), "required" (a call by construction), "none" (text only), or
-        the name of the one tool to call."""
+        the name of the one tool to call. `python_tag`: the model may mark calls with Llama 3.1's tag."""
         self.tools = list(tools)
         self.native = native
         self.choice = choice
+        self.python_tag = python_tag
         self.arguments_key = "parameters" if native else "arguments"
 
     def prompt_messages(self, messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -140,27 +157,28 @@ class ToolCalling:
         if self.choice == "none":
             return None
         tools = [t for t in self.tools if t.name == self.choice] or self.tools
-        calls = [
-            {
-                "type": "object",
-                "properties": {
-                    "name": {"const": tool.name},
-                    self.arguments_key: tool.parameters if self.native else bounded_strings(tool.parameters),
-                },
-                "required": ["name", self.arguments_key],
-                "additionalProperties": False,
-            }
-            for tool in tools
-        ]
-        schema = calls[0] if len(calls) == 1 else {"oneOf": calls}
-        gbnf = schema_grammar(schema, prop_order=["name", self.arguments_key])
-        if self.choice != "auto":
-            return Grammar(gbnf)
+        calls, definitions = [], {}
+        for index, tool in enumerate(tools):
+            parameters, own = hoisted_definitions(index, tool.arguments_schema)
+            definitions.update(own)
+            calls.append(
+                {
+                    "type": "object",
+                    "properties": {"name": {"const": tool.name}, self.arguments_key: parameters},
+                    "required": ["name", self.arguments_key],
+                    "additionalProperties": False,
+                }
+            )
+        call: dict[str, Any] = calls[0] if len(calls) == 1 else {"anyOf": calls}
+        if definitions:
+            call = {**call, "$defs": definitions}
         if self.native:
-            return Grammar(gbnf, lazy_pattern=CALL_TRIGGER)
-        if messages and messages[-1]["role"] == "user":
-            return Grammar(gbnf)
-        return Grammar(PLAIN_TEXT)
+            # Llama 3.1 decides between text and calls itself (unless told to call), and may make several.
+            text = self.choice == "auto"
+            return Grammar.tool_calls(call, text_allowed=text, several=True, python_tag=self.python_tag)
+        if self.choice != "auto" or (messages and messages[-1]["role"] == "user"):
+            return Grammar.tool_calls(call, text_allowed=False, several=False, python_tag=False)
+        return Grammar.plain_text()
 
     def parse(self, text: str) -> tuple[str, list[ToolCall]]:
         """Split an answer into its text and its calls."""

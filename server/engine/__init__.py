@@ -2,6 +2,7 @@
 
 from .chat_template import ChatTemplateError
 from .engine import (
+    BudgetTooSmall,
     ChatPrompt,
     CompletionRequest,
     Engine,
@@ -13,11 +14,12 @@ from .engine import (
     TextPrompt,
 )
 from .generation import FinishReason, Generation, GenerationFailed, Usage
-from .grammar import Grammar, GrammarError, schema_grammar
+from .grammar import Grammar, GrammarError
 from .llama_model import ContextSettings
 from .sampler import SamplingParams
 
 __all__ = [
+    "BudgetTooSmall",
     "ChatPrompt",
     "ChatTemplateError",
     "CompletionRequest",
@@ -36,5 +38,4 @@ __all__ = [
     "SamplingParams",
     "TextPrompt",
     "Usage",
-    "schema_grammar",
 ]

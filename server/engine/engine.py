@@ -30,9 +30,10 @@ import llama_cpp as llama
 
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
-from .grammar import Grammar
+from .grammar import PYTHON_TAG, Grammar
 from .llama_model import AdapterError, ContextSettings, DecodeError, LlamaModel
-from .sampler import Sampler, SamplingParams, check_grammar
+from .sampler import Sampler, SamplingParams
+from .structured import Constraint, Vocabulary
 
 log = logging.getLogger("server.engine")
 
@@ -83,6 +84,16 @@ class QueueFull(Exception):
     pass
 
 
+class BudgetTooSmall(Exception):
+    """The tokens a request may generate cannot hold the shortest answer its grammar allows."""
+
+    def __init__(self, needed: int, available: int, max_tokens: int) -> None:
+        limit = f"max_tokens {max_tokens}" if available == max_tokens else f"the {available} tokens the context leaves"
+        super().__init__(f"{limit} cannot hold a complete answer: the shortest valid one takes {needed} tokens")
+        self.needed = needed
+        self.available = available
+
+
 class PromptTooLong(Exception):
     def __init__(self, prompt_tokens: int, limit: int) -> None:
         super().__init__(f"the prompt is {prompt_tokens} tokens, but the context window holds {limit}")
@@ -95,6 +106,14 @@ class _Job:
     tokens: list[int]
     request: CompletionRequest
     generation: Generation
+    grammar: str | None = None  # llguidance's compiled form of request.grammar
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    tokens: list[int]
+    grammar: str | None = None
+    shortest_answer: int = 0  # tokens
 
 
 @dataclass(eq=False)
@@ -160,6 +179,7 @@ class Engine:
         self.error: str | None = None
         self.model: LlamaModel | None = None
         self.template: ChatTemplate | None = None
+        self.vocabulary: Vocabulary | None = None  # the model's tokens for grammars
         self._waiting: deque[_Job] = deque()
         self._wake = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -204,6 +224,11 @@ class Engine:
         return self.template is not None and self.template.knows_tools
 
     @property
+    def python_tag(self) -> bool:
+        """Whether the model marks calls with Llama 3.1's <|python_tag|> (a control token of its vocabulary)."""
+        return self.model is not None and self.model.has_control_token(PYTHON_TAG)
+
+    @property
     def context_per_slot(self) -> int:
         return self.model.n_ctx_seq if self.model else 0
 
@@ -221,22 +246,30 @@ class Engine:
         assert self.model is not None
         return self.model.tokenize(text)
 
-    def _prepare(self, request: CompletionRequest) -> list[int]:
-        # A grammar llama.cpp cannot parse is refused here, before the request queues, not in the engine loop.
-        if request.grammar is not None and self.model is not None:
-            check_grammar(self.model, request.grammar)
-        return self.prompt_tokens(request.prompt)
+    def _prepare(self, request: CompletionRequest) -> _Prepared:
+        # A grammar that cannot be enforced is refused here, before the request queues, not in the engine loop;
+        # so is a budget too small for any complete answer.
+        tokens = self.prompt_tokens(request.prompt)
+        if request.grammar is None or self.vocabulary is None:
+            return _Prepared(tokens)
+        compiled = self.vocabulary.compile(request.grammar)
+        return _Prepared(tokens, compiled, self.vocabulary.shortest_answer(request.grammar))
 
     async def submit(self, request: CompletionRequest) -> Generation:
-        """Queue a request. Raises PromptTooLong or QueueFull at once, before anything is generated."""
+        """Queue a request. Raises PromptTooLong, BudgetTooSmall, GrammarError or QueueFull at once, before
+        anything is generated."""
         if self.state is not EngineState.READY:
             raise EngineNotReady(self.error or "the model is still loading")
-        tokens = await asyncio.to_thread(self._prepare, request)
+        prepared = await asyncio.to_thread(self._prepare, request)
+        tokens = prepared.tokens
         room = self.context_per_slot - len(tokens)
         if room < 1:
             raise PromptTooLong(len(tokens), self.context_per_slot)
-        generation = Generation(len(tokens), min(request.max_tokens, room), asyncio.get_running_loop())
-        job = _Job(tokens, request, generation)
+        max_tokens = min(request.max_tokens, room)
+        if prepared.shortest_answer > max_tokens:
+            raise BudgetTooSmall(prepared.shortest_answer, max_tokens, request.max_tokens)
+        generation = Generation(len(tokens), max_tokens, asyncio.get_running_loop())
+        job = _Job(tokens, request, generation, prepared.grammar)
         with self._wake:
             free_slots = self.slots - self.busy_slots
             if self.max_queue and len(self._waiting) - free_slots >= self.max_queue:
@@ -268,6 +301,7 @@ class Engine:
                 eos_token=self.model.token_text(llama.llama_vocab_eos(self.model.vocab)),
                 date=self.chat_date,
             )
+            self.vocabulary = Vocabulary(self.model)
         except Exception as exc:
             self.error = f"the model could not be loaded: {exc}"
             self.state = EngineState.FAILED
@@ -338,7 +372,10 @@ class Engine:
         del slot.cached[reuse:]
         slot.pending = job.tokens[reuse:]
         slot.job = job
-        slot.sampler = Sampler(self.model, job.request.sampling, job.request.grammar)
+        constraint = None
+        if job.request.grammar is not None and job.grammar is not None and self.vocabulary is not None:
+            constraint = Constraint(self.vocabulary, job.grammar, job.request.grammar, self.model)
+        slot.sampler = Sampler(self.model, job.request.sampling, constraint)
         slot.n_generated = 0
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.session = job.request.session
@@ -354,13 +391,15 @@ class Engine:
 
         # Every running stream advances one token per step, in one decode call per LoRA adapter in use (the
         # context applies one adapter set to a whole batch, so requests with different adapters never share one)...
+        # A grammar's forced tokens go in with the sampled one, each slot's share of the batch at most.
         generating: dict[Path | None, list[Slot]] = {}
         for slot in slots:
             if slot.job and not slot.prefilling:
                 generating.setdefault(slot.adapter, []).append(slot)
+        share = max(1, self.model.n_batch // max(1, sum(len(group) for group in generating.values())))
         for adapter, group in generating.items():
             if self._use_adapter(adapter, group):
-                self._decode(batch, [(slot, slot.pending[:1]) for slot in group])
+                self._decode(batch, [(slot, slot.pending[:share]) for slot in group])
 
         # ...then prompts advance by whole blocks within the step's budget. Blocks of the same length (and
         # adapter) from different prompts share a decode call: llama.cpp gives each sequence its own attention
@@ -430,19 +469,22 @@ class Engine:
     def _advance(self, slot: Slot, index: int) -> None:
         assert self.model is not None and slot.sampler and slot.text and slot.job
         generation = slot.job.generation
-        token = slot.sampler.sample(self.model, index)
-        if self.model.is_end_of_generation(token):
-            self._finish(slot, Finished(FinishReason.STOP, slot.n_generated))
-            return
-        slot.n_generated += 1
-        generation.completion_tokens = slot.n_generated
-        text = slot.text.decode(self.model.piece(token))
-        if text:
-            generation.deliver(text)
-        if slot.n_generated >= generation.max_tokens:
+        step = slot.sampler.next(self.model, index, generation.max_tokens - slot.n_generated)
+        for token in step.tokens:
+            if self.model.is_end_of_generation(token):
+                self._finish(slot, Finished(FinishReason.STOP, slot.n_generated))
+                return
+            slot.n_generated += 1
+            generation.completion_tokens = slot.n_generated
+            text = slot.text.decode(self.model.piece(token))
+            if text:
+                generation.deliver(text)
+        if step.ended or slot.n_generated >= generation.max_tokens:
             self._finish(slot, Finished(FinishReason.LENGTH, slot.n_generated))
+        elif slot.sampler.finished:
+            self._finish(slot, Finished(FinishReason.STOP, slot.n_generated))
         else:
-            slot.pending.append(token)
+            slot.pending.extend(step.tokens)
 
     def _finish(self, slot: Slot, outcome: Finished | Failed) -> None:
         assert self.model is not None and slot.job is not None

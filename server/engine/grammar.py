@@ -1,37 +1,63 @@
-"""Grammars that constrain decoding: GBNF text for llama.cpp's grammar sampler, built from JSON Schemas."""
+"""What an answer must look like, as llguidance grammars: one JSON document for JSON mode; text or tool calls for
+tools. A grammar also names the JSON Schema of the documents in it, whose completion within the token budget the
+engine guarantees (see completion.py and structured.py).
+
+JSON is laid out one way ("a, b" and "k: v", no other whitespace): the grammar then forces every separator, the
+answer costs the fewest tokens, and its shortest ending can be computed exactly.
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
+from .completion import Layout
+
+LAYOUT = Layout(item=b", ", key=b": ")
+# Text that is not a call: it may not open with a brace (or whitespace before one), which would start a call.
+TEXT_TERMINAL = r"TEXT: /[^{\s][\s\S]*/"
+# Llama 3.1 marks a call it means to run with <|python_tag|>, and several calls are written one after another
+# separated by "; " (the separator its function-calling parsers split on).
+PYTHON_TAG = "<|python_tag|>"
+CALL_SEPARATOR = "; "
 
 
 class GrammarError(Exception):
-    """A schema the converter cannot turn into a grammar, or a grammar llama.cpp cannot parse."""
+    """A schema or grammar that cannot constrain decoding: the message says which keyword or construct."""
 
 
 @dataclass(frozen=True)
 class Grammar:
-    gbnf: str
-    # With a pattern the grammar waits until the output matches it (from the start), then constrains from the
-    # pattern's first group on; without one it constrains from the first token.
-    lazy_pattern: str | None = None
+    lark: str  # llguidance's Lark dialect
+    document: dict[str, Any] | None = None  # the schema every JSON document of the answer validates against
+    whole_answer: bool = False  # the answer is exactly one document (JSON mode), not text or calls
+    text_allowed: bool = False  # the answer may be text instead of documents (then it may also be empty)
+
+    @classmethod
+    def json_document(cls, schema: dict[str, Any]) -> Grammar:
+        """The answer is one JSON document that validates against `schema`."""
+        return cls(f"start: {_embedded(schema)}", document=schema, whole_answer=True)
+
+    @classmethod
+    def tool_calls(cls, call: dict[str, Any], text_allowed: bool, several: bool, python_tag: bool) -> Grammar:
+        """Tool calls validating against `call` (one schema for all the declared tools), or else text that does
+        not open with a brace when `text_allowed`; `several` calls separated as Llama 3.1 writes them."""
+        calls = "call" + (f' ("{CALL_SEPARATOR}" call)*' if several else "")
+        rules = [
+            "start: TEXT? | calls" if text_allowed else "start: calls",
+            f"calls: {PYTHON_TAG}? {calls}" if python_tag else f"calls: {calls}",
+            f"call: {_embedded(call)}",
+        ]
+        if text_allowed:
+            rules.append(TEXT_TERMINAL)
+        return cls("\n".join(rules), document=call, text_allowed=text_allowed)
+
+    @classmethod
+    def plain_text(cls) -> Grammar:
+        """Text only, and not opening with a brace (a small model otherwise imitates the calls it was shown)."""
+        return cls(f"start: TEXT?\n{TEXT_TERMINAL}", text_allowed=True)
 
 
-# llama-cpp-python's converter lets raw control characters into JSON strings, which JSON forbids (and a small
-# model sampling hot does emit them); its string character rule is replaced by one that excludes them.
-_LOOSE_CHAR = 'char ::= [^"\\\\] |'
-_STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
-
-
-def schema_grammar(schema: dict[str, Any], prop_order: Sequence[str] = ()) -> str:
-    """GBNF for JSON documents that validate against `schema`."""
-    try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema), prop_order=list(prop_order))
-    except (ValueError, KeyError, TypeError, AssertionError, NotImplementedError, RecursionError) as exc:
-        raise GrammarError(f"the JSON Schema cannot be turned into a grammar: {exc!r}") from exc
-    return gbnf.replace(_LOOSE_CHAR, _STRICT_CHAR)
+def _embedded(schema: dict[str, Any]) -> str:
+    return "%json " + json.dumps({**schema, "x-guidance": LAYOUT.options()}, ensure_ascii=False)

@@ -105,6 +105,7 @@ class LlamaModel:
         self._adapters: dict[Path, llama.llama_adapter_lora_p] = {}
         self._active_adapter: Path | None = None
         self.bos = llama.llama_vocab_bos(self.vocab)
+        self.eos = llama.llama_vocab_eos(self.vocab)
         self.bos_text = self.token_text(self.bos) if self.bos >= 0 else "\0"
         self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
@@ -145,6 +146,34 @@ class LlamaModel:
             tokens = (llama.llama_token * capacity)()
             n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
         return list(tokens[:n])
+
+    def tokenize_text(self, data: bytes) -> list[int]:
+        """Tokens of plain text: no BOS, and special-token names read as text."""
+        capacity = len(data) + 8
+        tokens = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, False, False)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """What a token stands for, control tokens by their names (as templates and grammars write them)."""
+        buf = ctypes.create_string_buffer(256)
+        n = llama.llama_token_to_piece(self.vocab, token, buf, 256, 0, True)
+        return buf.raw[:n] if n >= 0 else b""
+
+    def is_control(self, token: int) -> bool:
+        return bool(llama.llama_vocab_get_attr(self.vocab, token) & llama.LLAMA_TOKEN_ATTR_CONTROL)
+
+    def has_control_token(self, name: str) -> bool:
+        """Whether the vocabulary has a control token spelled `name` (e.g. <|python_tag|>)."""
+        tokens = self.tokenize_special(name)
+        return len(tokens) == 1 and self.is_control(tokens[0])
+
+    def tokenize_special(self, text: str) -> list[int]:
+        data = text.encode()
+        capacity = len(data) + 8
+        tokens = (llama.llama_token * capacity)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, False, True)
+        return list(tokens[: max(n, 0)])
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for; control tokens (EOS, headers) render as nothing."""

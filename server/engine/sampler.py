@@ -12,9 +12,10 @@ import secrets
 from dataclasses import dataclass
 
 import llama_cpp as llama
+import numpy as np
 
-from .grammar import Grammar, GrammarError
 from .llama_model import LlamaModel
+from .structured import Constraint, Step, write_mask
 
 # llama.cpp treats this seed value as "pick one at random".
 _RANDOM_SEED = 0xFFFFFFFF
@@ -48,24 +49,35 @@ def native_seed(seed: int | None) -> int:
     return value if value != _RANDOM_SEED else 0
 
 
-class Sampler:
-    """One request's sampler chain; it remembers the tokens it picked, which the penalties need."""
+# Drawing first and checking the one token pays while the grammar mostly agrees with the model. After this many
+# rejections in a row it mostly does not (a model that was never shown the format, random stand-in weights), and
+# the mask goes first for a while, saving the wasted draw over the whole vocabulary.
+REJECTIONS_BEFORE_MASKING = 3
+MASKED_STEPS = 16
+# A llama_token_data_array's element, for drawing from a chain without accepting the token drawn.
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
 
-    def __init__(self, model: LlamaModel, params: SamplingParams, grammar: Grammar | None = None) -> None:
+
+class Sampler:
+    """One request's sampler chain, and its grammar when it has one; remembers the tokens it picked (penalties)."""
+
+    def __init__(self, model: LlamaModel, params: SamplingParams, constraint: Constraint | None = None) -> None:
         self.params = params
+        self.constraint = constraint
         chain_params = llama.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         self.chain = llama.llama_sampler_chain_init(chain_params)
         add = self._add
 
-        if grammar is not None:
-            # First in the chain: tokens the grammar forbids never reach the penalties or the dice.
-            add(grammar_sampler(model, grammar))
-
         repeat = params.repetition_penalty
         freq = params.frequency_penalty or 0.0
         present = params.presence_penalty or 0.0
-        if (repeat is not None and repeat != 1.0) or freq or present:
+        # Penalties remember the tokens accepted: under a grammar, a draw the grammar rejects must not count.
+        self.remembers = (repeat is not None and repeat != 1.0) or bool(freq) or bool(present)
+        self._candidates: np.ndarray | None = None
+        self._rejections = 0  # in a row
+        self._masked_steps = 0  # steps left with the mask first
+        if self.remembers:
             repeat = 1.0 if repeat is None else max(repeat, MIN_REPETITION_PENALTY)
             add(llama.llama_sampler_init_penalties(model.n_vocab, PENALTY_WINDOW, repeat, freq, present))
         if params.greedy:
@@ -83,28 +95,69 @@ class Sampler:
         # The chain owns what is added and frees it with itself.
         llama.llama_sampler_chain_add(self.chain, sampler)
 
-    def sample(self, model: LlamaModel, output_index: int) -> int:
-        """Pick the next token from the logits at `output_index` of the last decode, and remember it."""
-        return llama.llama_sampler_sample(self.chain, model.ctx, output_index)
+    @property
+    def finished(self) -> bool:
+        """The grammar allows nothing more: the answer is complete."""
+        return self.constraint is not None and self.constraint.finished
+
+    def next(self, model: LlamaModel, output_index: int, tokens_left: int) -> Step:
+        """The tokens that follow the logits at `output_index` of the last decode: the one sampled, then, under a
+        grammar, the ones it forces (or the ending the budget calls for)."""
+        if self.constraint is None:
+            return Step([llama.llama_sampler_sample(self.chain, model.ctx, output_index)], ended=False)
+        # Sample as if free, and ask the grammar about that one token; only a rejected draw pays for the mask.
+        # Masking after the draw gives the masked distribution: temperature and penalties act on each token
+        # alone, so a valid draw is as likely as it would be with the mask applied first.
+        if self._masked_steps:
+            self._masked_steps -= 1
+            token = self._draw(model, output_index, self.constraint.allowed())
+        else:
+            token = self._draw(model, output_index)
+            if self.constraint.allows(token):
+                self._rejections = 0
+            else:
+                self._rejections += 1
+                if self._rejections >= REJECTIONS_BEFORE_MASKING:
+                    self._rejections, self._masked_steps = 0, MASKED_STEPS
+                token = self._draw(model, output_index, self.constraint.allowed())
+        if model.is_end_of_generation(token):
+            step = Step([token], ended=False)
+        else:
+            step = self.constraint.take(token, tokens_left)
+        if self.remembers:
+            for t in step.tokens:
+                llama.llama_sampler_accept(self.chain, t)
+        return step
+
+    def _draw(self, model: LlamaModel, output_index: int, allowed: np.ndarray | None = None) -> int:
+        logits = llama.llama_get_logits_ith(model.ctx, output_index)
+        if self.params.greedy and not self.remembers:
+            # The most likely allowed token, found in place: llama.cpp's greedy sampler would first copy the whole
+            # row into a candidate array for the same answer (the first of equal maxima).
+            row = np.ctypeslib.as_array(logits, shape=(model.n_vocab,))
+            if allowed is not None:
+                write_mask(logits, allowed, model.n_vocab)
+            return int(np.argmax(row))
+        if not self.remembers:
+            # Stateless samplers accept nothing, so the chain may draw straight from the context's logits.
+            if allowed is not None:
+                write_mask(logits, allowed, model.n_vocab)
+            return llama.llama_sampler_sample(self.chain, model.ctx, output_index)
+        if self._candidates is None:
+            self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
+            self._candidates["id"] = np.arange(model.n_vocab, dtype=np.int32)
+        candidates = self._candidates
+        candidates["id"] = np.arange(model.n_vocab, dtype=np.int32)  # the chain may have sorted them
+        candidates["logit"] = np.ctypeslib.as_array(logits, shape=(model.n_vocab,))
+        if allowed is not None:
+            np.copyto(candidates["logit"], np.float32(-np.inf), where=~allowed)
+        array = llama.llama_token_data_array(
+            data=candidates.ctypes.data_as(llama.llama_token_data_p), size=model.n_vocab, selected=-1, sorted=False
+        )
+        llama.llama_sampler_apply(self.chain, ctypes.byref(array))
+        return int(candidates["id"][array.selected])
 
     def close(self) -> None:
         if self.chain:
             llama.llama_sampler_free(self.chain)
             self.chain = None
-
-
-def grammar_sampler(model: LlamaModel, grammar: Grammar) -> llama.llama_sampler_p:
-    """llama.cpp's grammar sampler; raises GrammarError when llama.cpp cannot parse the grammar."""
-    gbnf = grammar.gbnf.encode()
-    if grammar.lazy_pattern is None:
-        sampler = llama.llama_sampler_init_grammar(model.vocab, gbnf, b"root")
-    else:
-        patterns = (ctypes.c_char_p * 1)(grammar.lazy_pattern.encode())
-        sampler = llama.llama_sampler_init_grammar_lazy_patterns(model.vocab, gbnf, b"root", patterns, 1, None, 0)
-    if not sampler:
-        raise GrammarError("llama.cpp could not parse the grammar built for this request")
-    return sampler
-
-
-def check_grammar(model: LlamaModel, grammar: Grammar) -> None:
-    llama.llama_sampler_free(grammar_sampler(model, grammar))
