@@ -31,7 +31,7 @@ run: $(VENV)/.installed
 	$(BIN)/python -m server $(ARGS)
 
 test: $(VENV)/.installed-test browser workers
-	$(BIN)/python -m ruff check server tests bench
+	$(BIN)/python -m ruff check server tests bench models
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The playground test drives Debian's chromium through Playwright (no browser download); as root, install it.
@@ -53,8 +53,8 @@ workers/node_modules/.installed: workers/package-lock.json
 	touch $@
 
 lint: $(VENV)/.installed-test
-	$(BIN)/python -m ruff check server tests bench
-	$(BIN)/python -m ruff format --check server tests bench
+	$(BIN)/python -m ruff check server tests bench models
+	$(BIN)/python -m ruff format --check server tests bench models
 
 # Mutation testing (not in `make test`: an hour or more on 2 cores): every bug in tests/mutants.toml, one at a time,
 # against the suite; a survivor without an accepted reason fails. MUTATION_ARGS="--only NAME" runs a few.

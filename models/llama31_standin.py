@@ -27,6 +27,7 @@ import json
 import math
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -528,15 +529,9 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cache_key(build: Build, sources: Sources, include_code: bool = True, **extra: Any) -> str:
-    parts = {
-        "generator": GENERATOR_VERSION,
-        "build": asdict(build),
-        "sources": sources.digest(),
-        # The generator's own text: any edit rebuilds, which costs seconds for the tiny models.
-        "code": _file_sha256(Path(__file__)) if include_code else None,
-        **extra,
-    }
+def cache_key(build: Build, sources: Sources, **extra: Any) -> str:
+    """What decides a file's bytes besides the code (the tiny models' folder stands for the code; see _code_folder)."""
+    parts = {"generator": GENERATOR_VERSION, "build": asdict(build), "sources": sources.digest(), **extra}
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -559,6 +554,18 @@ def _write_atomically(path: Path, data: bytes) -> None:
     temp = _temp_path(path)
     temp.write_bytes(data)
     os.replace(temp, path)
+
+
+def _code_folder(cache_dir: Path) -> Path:
+    """Where models whose bytes follow this file's code are kept: a folder named by the code's digest. A new one
+    replaces the others, so editing the generator does not leave hundreds of megabytes of stale models behind."""
+    folder = cache_dir / f"code-{_file_sha256(Path(__file__))[:12]}"
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
+        for stale in cache_dir.glob("code-*"):
+            if stale != folder:
+                shutil.rmtree(stale, ignore_errors=True)
+    return folder
 
 
 def _cached(final: Path, build_into: Callable[[Path], None]) -> Path:
@@ -587,7 +594,7 @@ def tiny(cache_dir: Path | str, seed: int = 0, sources_dir: Path | None = None) 
     h = TINY
     n_params = sum(math.prod(s.shape) for s in tensor_specs(h))
     build = Build(hyper=h, name="Llama 3.1 8B Instruct tiny stand-in", size_label=_size_label(n_params), seed=seed)
-    final = cache_dir / f"llama31-tiny-{cache_key(build, sources)}.gguf"
+    final = _code_folder(cache_dir) / f"llama31-tiny-{cache_key(build, sources)}.gguf"
     return _cached(final, lambda temp: write_model(temp, build, sources, random_weights(build)))
 
 
@@ -598,7 +605,7 @@ def llama31_8b_q4_k_m(cache_dir: Path | str, seed: int = 0, sources_dir: Path | 
     build = Build(hyper=LLAMA31_8B, name="Llama 3.1 8B Instruct stand-in", size_label="8B", seed=seed)
     import llama_cpp  # its version decides the quantizer's output
 
-    key = cache_key(build, sources, include_code=False, llama_cpp=llama_cpp.__version__, quant=FILE_TYPE_Q4_K_M)
+    key = cache_key(build, sources, llama_cpp=llama_cpp.__version__, quant=FILE_TYPE_Q4_K_M)
     final = cache_dir / f"llama31-8b-q4_k_m-{key}.gguf"
 
     def build_into(temp: Path) -> None:
@@ -811,6 +818,8 @@ def _route(lattices: list[Lattice], triggers: list[int], context: int, max_round
 # adds nothing.
 HEAD_DIM = 64
 MAX_CONTEXT = 4  # tokens before the current one; the smallest that spells all the targets is used
+# A canonical spelling cannot route around repeats (two calls' identical keys), so it may look further back.
+CANONICAL_MAX_CONTEXT = 8
 ANSWER_GAIN = 8.0  # |the FFN's answer| against |a code| (1) in the residual stream
 UNIT_SHARPNESS = 40.0  # a unit missing one match sits at silu(-20) ~ -4e-8; a firing one at silu(20) = 20
 ATTENTION_GAP = 30.0  # attention logit by which the wanted position beats every other one
@@ -964,8 +973,62 @@ def scripted_weights(build: Build, layout: ScriptedLayout, steps: list[Step]) ->
     return make
 
 
-def plan_scripts(scripts: Sequence[Script], lexicon: _Lexicon) -> tuple[list[ResolvedScript], ScriptedLayout]:
-    """The spelling and the smallest context that make every step's window unique."""
+def canonical_spelling(text: str, lexicon: _Lexicon, vocab_file: Path) -> list[int]:
+    """The target as llama.cpp's tokenizer spells it: special tokens by name, plain text by its merges."""
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(vocab_file).encode(), params)
+    if not model:
+        raise ScriptError(f"llama.cpp could not read {vocab_file}")
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        tokens: list[int] = []
+        for part in lexicon.parts(text):
+            if isinstance(part, int):
+                tokens.append(part)
+                continue
+            out = (llama_cpp.llama_token * (len(part) + 8))()
+            n = llama_cpp.llama_tokenize(vocab, part, len(part), out, len(part) + 8, False, False)
+            tokens.extend(out[:n])
+        return tokens
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def canonical_steps(resolved: Sequence[ResolvedScript], context: int) -> list[Step] | None:
+    """The steps of canonically spelled scripts, or None if one window would have to lead to two tokens. A window
+    seen twice with the same successor is one step: where a grammar forces tokens the model's prediction is not
+    even read, and the same span may then recur (two calls' keys)."""
+    chosen: dict[Context, int] = {}
+    for step in script_steps(resolved, context):
+        if chosen.setdefault(step.window, step.following) != step.following:
+            return None
+    return [Step(window, following) for window, following in chosen.items()]
+
+
+def plan_scripts(
+    scripts: Sequence[Script], lexicon: _Lexicon, spelling: str = "route", vocab_file: Path | None = None
+) -> tuple[list[ResolvedScript], ScriptedLayout]:
+    """The spelling and the smallest context that make every step's window unique. `spelling` "canonical" keeps
+    llama.cpp's own tokens, which are those a grammar forces, so a constrained answer stays on the script."""
+    if spelling == "canonical":
+        assert vocab_file is not None
+        triggers = [lexicon.token(trigger) for trigger, _, _ in scripts]
+        resolved = []
+        for (_, target, end), trigger in zip(scripts, triggers, strict=True):
+            tokens = canonical_spelling(target, lexicon, vocab_file)
+            if set(tokens) & set(triggers):
+                raise ScriptError(f"the canonical spelling of {target!r} holds a trigger token")
+            resolved.append(ResolvedScript(trigger, target, tuple(tokens), lexicon.token(end)))
+        for context in range(1, CANONICAL_MAX_CONTEXT + 1):
+            steps = canonical_steps(resolved, context)
+            if steps is not None:
+                n_codes = len({t for s in steps for t in (*s.window, s.following)})
+                return resolved, scripted_layout(context, n_codes)
+        raise ScriptError(f"spelled canonically, these targets need over {CANONICAL_MAX_CONTEXT} tokens of context")
     for context in range(1, MAX_CONTEXT + 1):
         try:
             resolved = segment_scripts(scripts, lexicon, context)
@@ -980,10 +1043,16 @@ def plan_scripts(scripts: Sequence[Script], lexicon: _Lexicon) -> tuple[list[Res
 
 
 def scripted(
-    cache_dir: Path | str, scripts: Sequence[Script] = DEFAULT_SCRIPTS, seed: int = 0, sources_dir: Path | None = None
+    cache_dir: Path | str,
+    scripts: Sequence[Script] = DEFAULT_SCRIPTS,
+    seed: int = 0,
+    sources_dir: Path | None = None,
+    spelling: str = "route",
 ) -> Path:
     """A small model that, after a prompt whose last token is a script's trigger, greedily emits the script's
-    target text and then its end token. The manifest beside it (`.json`) lists each script's token ids."""
+    target text and then its end token. The manifest beside it (`.json`) lists each script's token ids.
+    `spelling`: "route" finds a spelling with the least context; "canonical" keeps llama.cpp's tokens (for
+    answers a grammar constrains, since the tokens a grammar forces are the canonical ones)."""
     cache_dir = Path(cache_dir)
     sources = find_sources(cache_dir, sources_dir)
     scripts = [tuple(script) for script in scripts]
@@ -993,13 +1062,14 @@ def scripted(
         name="Llama 3.1 8B Instruct scripted stand-in",
         size_label="scripted",
         seed=seed,
-        extra={"scripts": [list(script) for script in scripts]},
+        extra={"scripts": [list(script) for script in scripts], "spelling": spelling},
     )
-    final = cache_dir / f"llama31-scripted-{cache_key(build, sources)}.gguf"
+    final = _code_folder(cache_dir) / f"llama31-scripted-{cache_key(build, sources)}.gguf"
 
     def build_into(temp: Path) -> None:
-        resolved, layout = plan_scripts(scripts, _Lexicon(load_vocab(sources)))
-        steps = script_steps(resolved, layout.context)
+        resolved, layout = plan_scripts(scripts, _Lexicon(load_vocab(sources)), spelling, sources.vocab)
+        canonical = canonical_steps(resolved, layout.context) if spelling == "canonical" else None
+        steps = canonical or script_steps(resolved, layout.context)
         sized = replace(build, hyper=layout.hyper(len(steps)))
         write_model(temp, sized, sources, scripted_weights(sized, layout, steps))
         manifest = {

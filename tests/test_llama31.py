@@ -194,3 +194,59 @@ def test_a_templated_request_is_answered_from_the_generation_prompt(scripted_lla
     server, _ = scripted_llama
     answer = assert_ok(httpx.post(f"{server.url}/ai/run/{MODEL}", json={"prompt": "Hi", "temperature": 0}))
     assert answer["response"] == "Hello! How can I help you today?"
+
+
+# -- Llama 3.1's native tool calls, as the model writes them --------------------------------------------------------
+
+TIME = {
+    "name": "get_time",
+    "description": "The time in a zone",
+    "parameters": {
+        "type": "object",
+        "properties": {"zone": {"type": "string", "description": "A time zone"}},
+        "required": ["zone"],
+    },
+}
+WEATHER_CALL = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+TIME_CALL = '{"name": "get_time", "parameters": {"zone": "CET"}}'
+NATIVE_ANSWERS = {
+    # What the templated request's generation prompt (ending "\n\n") is answered with, and how the answer ends.
+    "bare call": (WEATHER_CALL, "<|eot_id|>", [{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+    "python_tag call": (
+        "<|python_tag|>" + WEATHER_CALL,
+        "<|eom_id|>",
+        [{"name": "get_weather", "arguments": {"city": "Paris"}}],
+    ),
+    "several calls": (
+        f"{WEATHER_CALL}; {TIME_CALL}",
+        "<|eot_id|>",
+        [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"name": "get_time", "arguments": {"zone": "CET"}}],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(NATIVE_ANSWERS))
+def native_answer(request, tmp_path_factory) -> Iterator[tuple[ServerProcess, list[dict[str, Any]]]]:
+    text, end, calls = NATIVE_ANSWERS[request.param]
+    # Spelled as llama.cpp tokenizes it: the tool grammar's forced tokens are those, so the answer stays scripted.
+    model = scripted(STANDIN_CACHE, [("\n\n", text, end)], spelling="canonical")
+    proc = start(tmp_path_factory.mktemp("native"), model)
+    try:
+        yield proc.wait_ready(), calls
+    finally:
+        proc.stop()
+
+
+def test_native_tool_calls_become_tool_calls_on_every_surface(native_answer):
+    server, expected = native_answer
+    body = {
+        "messages": [{"role": "user", "content": "What is the weather in Paris, and the time there?"}],
+        "tools": [WEATHER, TIME],
+        "temperature": 0,
+        "max_tokens": 80,
+    }
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        for surface in SURFACES:
+            for reply in (surface.complete(http, body), surface.stream(http, body)):
+                assert reply.tool_calls == expected, (surface, reply)
+                assert reply.text == "" and reply.finish_reason == "tool_calls"
