@@ -55,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_queue=settings.max_queue,
         on_failure=stop_serving,
         chat_date=settings.chat_date,
+        max_stall_ms=settings.max_stall_ms,
+        prefill_block=settings.prefill_block,
     )
     log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)
 

@@ -59,6 +59,8 @@ class Settings:
     ctx_size: int = 0
     threads: int = 0
     batch_size: int = 512
+    max_stall_ms: int = 1000
+    prefill_block: int = 0
     parallel: int = 4
     max_queue: int = 256
     gpu_layers: int = -1
@@ -95,6 +97,17 @@ OPTIONS: dict[str, Option] = {
     ),
     "threads": Option("--threads", "WAI_THREADS", "CPU threads for decoding; 0 = physical cores"),
     "batch_size": Option("--batch-size", "WAI_BATCH_SIZE", "most tokens handed to one llama_decode call"),
+    "max_stall_ms": Option(
+        "--max-stall-ms",
+        "WAI_MAX_STALL_MS",
+        "longest running streams wait, per step, on newly admitted prompts (whole prompt blocks at the measured "
+        "prompt speed, at least one); 0 = no bound",
+    ),
+    "prefill_block": Option(
+        "--prefill-block",
+        "WAI_PREFILL_BLOCK",
+        "prompt tokens computed per block; 0 = 512 with a GPU, on a CPU 64 up to 1.5B parameters, 32 up to 4B, else 16",
+    ),
     "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
     "max_queue": Option(
         "--max-queue", "WAI_MAX_QUEUE", "requests that may wait for a slot; past it, 429 at once; 0 = no bound"

@@ -19,6 +19,7 @@ import codecs
 import itertools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,9 +44,19 @@ log = logging.getLogger("server.engine")
 # way around a reused prefix could sample differently at temperature 0. With fixed blocks, every position is
 # computed the same way whatever was cached and whatever else runs, and a prefix reuse never changes output.
 # A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU
-# needs large blocks to be busy.
-CPU_PREFILL_BLOCK = 64
+# needs large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on
+# a CPU it shrinks as the model grows: 16 tokens of an 8B model take about a second on two cores. The size follows
+# from the model alone (never from timings), so the same request splits the same way on every start.
 GPU_PREFILL_BLOCK = 512
+CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 16))  # (up to this many parameters, block)
+# Prompt speed is measured on the calls that compute blocks, as a moving average with this weight for the newest.
+RATE_WEIGHT = 0.3
+
+
+def prefill_block_for(n_params: int, gpu: bool) -> int:
+    if gpu:
+        return GPU_PREFILL_BLOCK
+    return next(block for limit, block in CPU_PREFILL_BLOCKS if limit is None or n_params <= limit)
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,11 @@ class Engine:
         max_queue: int = 0,
         on_failure: Callable[[str], None] | None = None,
         chat_date: str = "",
+        max_stall_ms: int = 1000,
+        prefill_block: int = 0,
     ) -> None:
+        """`max_stall_ms`: how long running streams may wait, per step, on newly admitted prompts (0: no bound);
+        `prefill_block`: prompt block size (0: chosen from the model and the device)."""
         self.fetch_model = fetch_model
         self.chat_date = chat_date  # see ChatTemplate: empty keeps prompts the same on any day
         self.settings = settings
@@ -186,7 +201,11 @@ class Engine:
         self._stopping = False
         self._slots: list[Slot] = []
         self._clock = itertools.count(1)
-        self.prefill_block = CPU_PREFILL_BLOCK
+        self.max_stall = max_stall_ms / 1000
+        self._requested_block = prefill_block
+        self.prefill_block = prefill_block or CPU_PREFILL_BLOCKS[0][1]
+        self._prefill_rate: float | None = None  # prompt tokens per second, measured
+        self._generate_seconds = 0.0  # what advancing the running streams took in the last step
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -318,7 +337,7 @@ class Engine:
             self.model.n_threads,
             ", all layers on the GPU" if self.model.gpu_offload else "",
         )
-        self.prefill_block = GPU_PREFILL_BLOCK if self.model.gpu_offload else CPU_PREFILL_BLOCK
+        self.prefill_block = self._requested_block or prefill_block_for(self.model.n_params, self.model.gpu_offload)
         slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
         self.state = EngineState.READY
@@ -397,14 +416,16 @@ class Engine:
             if slot.job and not slot.prefilling:
                 generating.setdefault(slot.adapter, []).append(slot)
         share = max(1, self.model.n_batch // max(1, sum(len(group) for group in generating.values())))
+        started = time.perf_counter()
         for adapter, group in generating.items():
             if self._use_adapter(adapter, group):
                 self._decode(batch, [(slot, slot.pending[:share]) for slot in group])
+        self._generate_seconds = time.perf_counter() - started
 
         # ...then prompts advance by whole blocks within the step's budget. Blocks of the same length (and
         # adapter) from different prompts share a decode call: llama.cpp gives each sequence its own attention
         # stream, so every block is still computed exactly as it would be alone.
-        budget = self.model.n_batch
+        budget = self._prefill_budget(streams_waiting=bool(generating))
         while budget > 0:
             blocks: dict[tuple[int, Path | None], list[Slot]] = {}
             for slot in sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used):
@@ -419,6 +440,16 @@ class Engine:
             if self._use_adapter(adapter, group):
                 group.sort(key=lambda s: s.seq_id)  # consecutive ids share a micro-batch (see _pick_slot)
                 self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
+
+    def _prefill_budget(self, streams_waiting: bool) -> int:
+        """Prompt tokens this step may compute: as many as fit in the stall bound at the measured prompt speed
+        while streams wait on the step (at least one block, so prompts always advance), else a whole batch."""
+        assert self.model is not None
+        if not streams_waiting or not self.max_stall:
+            return self.model.n_batch
+        room = self.max_stall - self._generate_seconds
+        fitting = int(self._prefill_rate * room) if self._prefill_rate and room > 0 else 0
+        return min(self.model.n_batch, max(self.prefill_block, fitting))
 
     def _next_block(self, slot: Slot) -> int:
         """How many prompt tokens the slot's next block holds: up to the next block boundary."""
@@ -455,6 +486,7 @@ class Engine:
                 batch.logits[n - 1] = True
                 outputs.append((slot, n - 1))
         batch.n_tokens = n
+        started = time.perf_counter()
         try:
             self.model.decode(batch)
         except DecodeError as exc:
@@ -463,6 +495,10 @@ class Engine:
                 if slot.job:
                     self._finish(slot, Failed(f"generation failed: {exc}"))
             return
+        if all(slot.prefilling for slot, _ in work) and n >= 8:
+            rate = n / max(time.perf_counter() - started, 1e-6)
+            previous = self._prefill_rate
+            self._prefill_rate = rate if previous is None else (1 - RATE_WEIGHT) * previous + RATE_WEIGHT * rate
         for slot, index in outputs:
             self._advance(slot, index)
 

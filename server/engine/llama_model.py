@@ -80,6 +80,7 @@ class LlamaModel:
         self.vocab = llama.llama_model_get_vocab(self.model)
         self.n_vocab = llama.llama_vocab_n_tokens(self.vocab)
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
+        self.n_params = llama.llama_model_n_params(self.model)
 
         ctx_params = llama.llama_context_default_params()
         # Each slot gets its own n_ctx cells (kv_unified off), so one long conversation cannot starve the others.
