@@ -66,7 +66,8 @@ def one_round(base: str, tokens: int, round_id: str) -> tuple[Round, int]:
             stamps.append(time.perf_counter())
             if len(stamps) == 4:  # the stream runs; now the newcomers arrive, together
                 arrival = time.perf_counter()
-                arrivals = [threading.Thread(target=newcomer, args=(base, i, firsts, arrival)) for i in range(3)]
+                labels = [f"{round_id}-{i}" for i in range(3)]
+                arrivals = [threading.Thread(target=newcomer, args=(base, x, firsts, arrival)) for x in labels]
                 for thread in arrivals:
                     thread.start()
     for thread in arrivals:
