@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         source.fetch,
         ContextSettings(
             n_ctx=settings.ctx_size,
+            kv_size=settings.kv_size,
+            cache_type=settings.cache_type,
+            kv_layout=settings.kv_layout,
             n_batch=settings.batch_size,
             n_seq=settings.parallel,
             n_threads=settings.effective_threads,

@@ -154,7 +154,7 @@ class AdapterStore:
             raise AdapterError(5006, "name must be 1-64 letters, digits, '.', '_' or '-'")
         with self._lock:
             if self.finetune(name) is not None:
-                raise AdapterError(5006, f"a fine-tune named {name!r} exists already")
+                raise AdapterError(5006, f"a fine-tune named {name!r} exists already", status=409)
             now = datetime.now(UTC).isoformat()
             finetune = Finetune(str(uuid.uuid4()), name, model, description, now, now)
             folder = self._finetunes_dir / finetune.id
@@ -172,7 +172,7 @@ class AdapterStore:
         with self._lock:
             target = folder / file_name
             if target.exists():
-                raise AdapterError(5006, f"{file_name} was uploaded already; assets cannot be replaced")
+                raise AdapterError(5006, f"{file_name} was uploaded already; assets cannot be replaced", status=409)
             if file_name == CONFIG_FILE:
                 self._check_config(data)
             target.write_bytes(data)

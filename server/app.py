@@ -12,11 +12,12 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.routing import Match, Route
 
 from . import openapi
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
-from .auth import TokenCheck, load_tokens
+from .auth import TokenCheck, is_openai_path, load_tokens
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import Engine
@@ -26,7 +27,7 @@ from .model_store import ModelStore
 from .surfaces.binding import BindingRoutes, MiniflareProxy
 from .surfaces.catalog import ModelCatalog
 from .surfaces.finetunes import FinetuneRoutes
-from .surfaces.openai import OpenAIRoutes
+from .surfaces.openai import OpenAIRoutes, from_api_error
 from .surfaces.operations import OperationsRoutes
 from .surfaces.workers_ai import WorkersAIRoutes
 from .text_generation import TextGeneration
@@ -39,13 +40,28 @@ async def api_error(_request: Request, exc: Exception) -> Response:
     return exc.response()
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route of this path takes (Starlette's own 405 names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        if isinstance(route, Route) and route.methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route.methods
+    return ", ".join(sorted(methods))
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 405:
-        return ApiError(405, METHOD_NOT_ALLOWED, f"Method {request.method} not allowed here").response()
-    if exc.status_code == 404:
-        return ApiError(404, NO_ROUTE, f"Could not route to {request.url.path}").response()
-    return ApiError(exc.status_code, exc.status_code, str(exc.detail)).response()
+        error = ApiError(405, METHOD_NOT_ALLOWED, f"Method {request.method} not allowed here")
+    elif exc.status_code == 404:
+        error = ApiError(404, NO_ROUTE, f"Could not route to {request.url.path}")
+    else:
+        error = ApiError(exc.status_code, exc.status_code, str(exc.detail))
+    # An OpenAI client reads errors under the OpenAI prefixes in OpenAI's shape, routed or not.
+    response = from_api_error(error).response() if is_openai_path(request.url.path) else error.response()
+    if exc.status_code == 405:
+        response.headers["allow"] = allowed_methods(request)
+    return response
 
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
@@ -72,7 +88,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         WorkersAIRoutes(generation, settings.max_body_bytes),
         BindingRoutes(generation, settings.max_body_bytes),
         OpenAIRoutes(generation, settings.max_body_bytes),
-        ModelCatalog(store, lambda: engine.context_per_slot),
+        ModelCatalog(store, lambda: engine.context_window),
         FinetuneRoutes(adapters, settings.max_body_bytes),
         OperationsRoutes(engine, metrics, openapi.build(store)),
     ]

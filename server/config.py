@@ -57,6 +57,9 @@ class Settings:
     port: int = 8787
     model: str = "smollm2-135m-instruct"
     ctx_size: int = 0
+    kv_size: int = 0
+    cache_type: str = "f16"
+    kv_layout: str = "pool"
     threads: int = 0
     batch_size: int = 512
     max_stall_ms: int = 1000
@@ -93,7 +96,23 @@ OPTIONS: dict[str, Option] = {
     "ctx_size": Option(
         "--ctx-size",
         "WAI_CTX_SIZE",
-        "context window of each slot in tokens; 0 = the model's trained length, capped at 8192",
+        "the longest context (prompt and answer) one request may use, in tokens; 0 = the model's trained length "
+        "(131072 for Llama 3.1), within the KV pool",
+    ),
+    "kv_size": Option(
+        "--kv-size",
+        "WAI_KV_SIZE",
+        "KV cache tokens shared by all requests (one pool); 0 = the model's trained length, or less if half the "
+        "memory left after the weights cannot hold it",
+    ),
+    "kv_layout": Option(
+        "--kv-layout",
+        "WAI_KV_LAYOUT",
+        "pool: one KV pool for every request (long contexts, memory shared); slots: each request slot its own "
+        "--ctx-size of KV (default 8192), where outputs never depend on what else runs or is cached",
+    ),
+    "cache_type": Option(
+        "--cache-type", "WAI_CACHE_TYPE", "KV cache element type for K and V: f16, q8_0 (about half) or q4_0"
     ),
     "threads": Option("--threads", "WAI_THREADS", "CPU threads for decoding; 0 = physical cores"),
     "batch_size": Option("--batch-size", "WAI_BATCH_SIZE", "most tokens handed to one llama_decode call"),
@@ -106,7 +125,7 @@ OPTIONS: dict[str, Option] = {
     "prefill_block": Option(
         "--prefill-block",
         "WAI_PREFILL_BLOCK",
-        "prompt tokens computed per block; 0 = 512 with a GPU, on a CPU 64 up to 1.5B parameters, 32 up to 4B, else 16",
+        "prompt tokens computed per block; 0 = 512 with a GPU, on a CPU 64 up to 1.5B parameters, 32 up to 4B, else 8",
     ),
     "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
     "max_queue": Option(

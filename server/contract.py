@@ -106,6 +106,10 @@ def _describe(error: ValidationError) -> str:
             return f"'{at}' must be <= {bound}, got {value}"
         case "minLength":
             return f"'{at}' must be at least {bound} characters long, got {len(value)}"
+        case "const":
+            return f"'{at}' must be {json.dumps(bound)}, got {json.dumps(value)}"
+        case "minItems":
+            return f"'{at}' must hold at least {bound} item{'s' if bound != 1 else ''}, got {len(value)}"
         case "maxLength":
             return f"'{at}' must be at most {bound} characters long, got {len(value)}"
         case _:
@@ -133,14 +137,90 @@ class SchemaCheck:
         return body
 
 
+JSON_TYPES = ["string", "number", "integer", "boolean", "array", "object", "null"]
+# JSON mode, an extension (Workers AI documents it for this model's siblings): one of two shapes, not streamed,
+# not with tools.
+RESPONSE_FORMAT = {
+    "description": "JSON mode (an extension): the answer is a JSON object, of this JSON Schema for json_schema",
+    "type": "object",
+    "properties": {"type": {"enum": ["json_object", "json_schema"]}, "json_schema": {"type": "object"}},
+    "required": ["type"],
+    "if": {"properties": {"type": {"const": "json_schema"}}},
+    "then": {"required": ["json_schema"]},
+}
+JSON_MODE_ALONE = {
+    "if": {"required": ["response_format"]},
+    "then": {
+        "properties": {
+            "stream": {"const": False},
+            "tools": {"type": "array", "maxItems": 0},
+        }
+    },
+}
+
+
+def refined(published: dict[str, Any]) -> dict[str, Any]:
+    """The published input schema with what the server adds to it, so that one schema says what is accepted: a
+    request for no tokens at all and a conversation of no turns are refused (the published schema leaves both
+    open); a tool parameter's `type` is a JSON type; JSON mode is described. The served OpenAPI document states
+    the same schema."""
+    schema = json.loads(json.dumps(published))
+    for branch in schema.get("oneOf", []):
+        properties = branch.get("properties", {})
+        if "max_tokens" in properties:
+            properties["max_tokens"]["minimum"] = 1
+        if "messages" in properties:
+            properties["messages"]["minItems"] = 1
+        for shape in properties.get("tools", {}).get("items", {}).get("oneOf", []):
+            spec = shape["properties"].get("function", shape)
+            parameter = spec["properties"]["parameters"]["properties"]["properties"]["additionalProperties"]
+            parameter["properties"]["type"] = {**parameter["properties"]["type"], "enum": JSON_TYPES}
+        properties["response_format"] = RESPONSE_FORMAT
+    return schema
+
+
+def documented(published: dict[str, Any]) -> dict[str, Any]:
+    """The refined schema as the OpenAPI document states it: with JSON mode's rules on stream and tools too, which
+    the server checks itself (check_response_format) to word its refusal better than a schema error could."""
+    schema = refined(published)
+    for branch in schema.get("oneOf", []):
+        branch["allOf"] = [*branch.get("allOf", []), JSON_MODE_ALONE]
+    return _without_binary(schema)
+
+
+def documented_result(published: dict[str, Any]) -> dict[str, Any]:
+    """The published output schema's JSON result as the OpenAPI document states it: in JSON mode `response` is
+    the JSON value itself (as Workers AI answers its siblings' JSON mode), not a string."""
+    result = next(b for b in published["oneOf"] if b.get("contentType") == "application/json")
+    result = {key: value for key, value in json.loads(json.dumps(result)).items() if key != "contentType"}
+    response = result["properties"]["response"]
+    result["properties"]["response"] = {
+        "description": response["description"] + "; in JSON mode, the JSON value itself",
+        "type": JSON_TYPES,
+    }
+    return result
+
+
+def _without_binary(schema: Any) -> Any:
+    """`format: binary` means raw bytes in OpenAPI, which a JSON body cannot hold: there such a field is a string."""
+    if isinstance(schema, dict):
+        return {k: _without_binary(v) for k, v in schema.items() if not (k == "format" and v == "binary")}
+    if isinstance(schema, list):
+        return [_without_binary(item) for item in schema]
+    return schema
+
+
 class InputContract(SchemaCheck):
-    """One model's input schema."""
+    """One model's input schema, refined (see `refined`)."""
+
+    def __init__(self, schema_path: Path) -> None:
+        super().__init__(schema_path)
+        self.published = self.schema
+        self.schema = refined(self.published)
+        self._validator = Draft202012Validator(self.schema)
 
     def parse(self, body: object) -> RunRequest:
         request = RunRequest.from_body(self.check(body))
-        # The schema leaves max_tokens unbounded below; a request for no tokens at all is a client bug.
-        if request.max_tokens < 1:
-            raise bad_input(f"Error: '/max_tokens' must be >= 1, got {request.max_tokens}")
         if request.response_format is not None:
             check_response_format(request)
         return request

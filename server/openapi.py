@@ -1,30 +1,58 @@
-"""The OpenAPI 3.1 document of every route, built from the same schemas/ files the routes validate with."""
+"""The OpenAPI 3.1 document of every route, exact enough for schema-driven tools (client generators, fuzzers): built
+from the same schemas/ files the routes validate with, the served model names as the only `{model}` values, every
+status a route can answer declared with its body, and Server-Sent Events described event by event (each event an
+object of `data` and `event`, its JSON `data` given by `contentSchema`, as schemathesis and the 3.2 draft read a
+stream's schema).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from typing import Any
 
 from .config import SCHEMAS_DIR
+from .contract import documented, documented_result
 from .model_store import ModelStore
 from .surfaces.openai import PREFIXES as OPENAI_PREFIXES
 
-ACCOUNT = {"name": "account_id", "in": "path", "required": True, "schema": {"type": "string"}}
-MODEL = {
-    "name": "model",
+ACCOUNT = {
+    "name": "account_id",
     "in": "path",
     "required": True,
-    "description": "A Workers AI model name; its slashes may be sent literally or percent-encoded",
+    "description": "Any account id: the server serves every account alike",
     "schema": {"type": "string"},
 }
+ENVELOPE = {"$ref": "#/components/schemas/ErrorEnvelope"}
+OPENAI_ERROR = {"$ref": "#/components/schemas/OpenAIError"}
+# What each status means on the API's routes (the envelope's codes) and on the OpenAI ones.
+STATUS = {
+    400: "Bad input (5006), unknown model (5007) or a missing body (3003)",
+    401: "Authentication error (10000): no token, where --api-token is set",
+    403: "Authentication error (10000): a wrong token",
+    404: "No such route (7003), LoRA adapter or fine-tune (3042), or model",
+    405: "Method not allowed (7001); the Allow header lists the methods that are",
+    409: "A fine-tune of that name, or that asset, exists already (5006)",
+    413: "The body is over --max-body-bytes (3006)",
+    429: "Out of capacity (3040): the queue is full",
+    500: "Generation failed (3043)",
+    501: "Not offered (7000)",
+    503: "Out of capacity (3040): the model is still loading",
+}
+RUN_ERRORS = (400, 401, 403, 404, 405, 413, 429, 500, 503)
+READ_ERRORS = (400, 401, 403, 405)
 
 
 def _schema(name: str) -> dict[str, Any]:
     return json.loads((SCHEMAS_DIR / name).read_text())
 
 
-def _json(schema: dict[str, Any], description: str = "") -> dict[str, Any]:
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(statuses: tuple[int, ...], body: dict[str, Any] = ENVELOPE) -> dict[str, Any]:
+    return {str(status): _json(body, STATUS[status]) for status in statuses}
 
 
 def _envelope(result: dict[str, Any]) -> dict[str, Any]:
@@ -32,123 +60,188 @@ def _envelope(result: dict[str, Any]) -> dict[str, Any]:
         "type": "object",
         "properties": {
             "result": result,
-            "success": {"type": "boolean"},
-            "errors": {"type": "array", "items": {"$ref": "#/components/schemas/Error"}},
+            "success": {"const": True},
+            "errors": {"type": "array", "maxItems": 0},
             "messages": {"type": "array"},
         },
         "required": ["result", "success", "errors", "messages"],
     }
 
 
-ERRORS = {
-    "4XX": _json({"$ref": "#/components/schemas/ErrorEnvelope"}, "Bad input, unknown model, auth, capacity"),
-}
-OPENAI_ERRORS = {"4XX": _json({"$ref": "#/components/schemas/OpenAIError"}, "OpenAI-shaped error")}
-
-
-def _openai_post(summary: str, request_schema: str, answer: str) -> dict[str, Any]:
-    body = {"schema": {"$ref": f"#/components/schemas/{request_schema}"}}
-    streamed = {
-        "description": f"{answer}, or its chunks with stream: true",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}},
-        },
+def _events(event: str, description: str) -> dict[str, Any]:
+    """An event stream whose every event carries `data: <JSON of the event schema>` or `data: [DONE]`."""
+    data = {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": event}}
+    schema = {
+        "type": "object",
+        "properties": {"event": {"const": "message"}, "data": {"anyOf": [{"const": "[DONE]"}, data]}},
+        "required": ["data"],
     }
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {"required": True, "content": {"application/json": body}},
-            "responses": {"200": streamed, **OPENAI_ERRORS},
-        }
-    }
+    # A media type object has no description of its own (OpenAPI 3.1): the schema carries it.
+    return {"schema": {"description": description, **schema}}
 
 
-def _path_params(path: str) -> list[dict[str, Any]]:
+def _path_params(path: str, models: list[str]) -> list[dict[str, Any]]:
     params = []
     if "{account_id}" in path:
         params.append(ACCOUNT)
     if "{model}" in path:
-        params.append(MODEL)
+        params.append(
+            {
+                "name": "model",
+                "in": "path",
+                "required": True,
+                "description": "A served model; its slashes may be sent literally or percent-encoded",
+                "schema": {"type": "string", "enum": models},
+            }
+        )
     if "{finetune}" in path:
-        params.append({"name": "finetune", "in": "path", "required": True, "schema": {"type": "string"}})
+        finetune = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
+        params.append({"name": "finetune", "in": "path", "required": True, "schema": finetune})
     return params
 
 
+def _with_model_enum(schema: dict[str, Any], models: list[str]) -> dict[str, Any]:
+    schema = copy.deepcopy(schema)
+    schema["properties"]["model"] = {**schema["properties"]["model"], "enum": models}
+    return schema
+
+
+def _run_operation(summary: str, result: dict[str, Any], request: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
+            },
+            "responses": {
+                "200": {
+                    "description": "The result, or Server-Sent Events with stream: true",
+                    "content": {
+                        "application/json": {"schema": result},
+                        "text/event-stream": _events("#/components/schemas/RunEvent", "Workers AI's events"),
+                    },
+                },
+                **_errors(RUN_ERRORS),
+            },
+            **extra,
+        }
+    }
+
+
+def _openai_operation(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
+            },
+            "responses": {
+                "200": {
+                    "description": f"A {answer}, or its chunks with stream: true",
+                    "content": {
+                        "application/json": {"schema": {"type": "object", "required": ["id", "choices", "usage"]}},
+                        "text/event-stream": _events(f"#/components/schemas/{chunk}", "OpenAI's chunks"),
+                    },
+                },
+                **_errors(RUN_ERRORS, OPENAI_ERROR),
+            },
+        }
+    }
+
+
+def _get(
+    summary: str, result: dict[str, Any], errors: tuple[int, ...] = READ_ERRORS, body: dict[str, Any] = ENVELOPE
+) -> dict[str, Any]:
+    return {"get": {"summary": summary, "responses": {"200": _json(result, summary), **_errors(errors, body)}}}
+
+
 def build(store: ModelStore) -> dict[str, Any]:
+    models = sorted(store.models)
     # The served models are text-generation models sharing one published input and output schema.
     model = next(iter(store.models.values()))
-    run_input = _schema(model.input_schema)
-    run_output = _schema(model.output_schema)
-    chat = _schema("openai.chat-completions.request.schema.json")
-    completion = _schema("openai.completions.request.schema.json")
-    finetune = _schema("finetune.create.request.schema.json")
-    json_result = next(b for b in run_output["oneOf"] if b.get("contentType") == "application/json")
-
-    run = {
+    run_input = documented(_schema(model.input_schema))
+    result = documented_result(_schema(model.output_schema))
+    binding_headers = [
+        {
+            "name": "cf-consn-model-id",
+            "in": "header",
+            "required": True,
+            "description": "The model, as the binding names it",
+            "schema": {"type": "string", "enum": models},
+        },
+        {
+            "name": "version",
+            "in": "query",
+            "required": False,
+            "description": "workerd sends 3; the server answers every version alike",
+            "schema": {"type": "string"},
+        },
+    ]
+    binding = _run_operation(
+        "The Worker binding's request (env.AI.run): the bare result, or Workers AI's events",
+        {"$ref": "#/components/schemas/RunResult"},
+        "BindingRun",
+        {"parameters": binding_headers},
+    )
+    run = _run_operation(
+        "Run a text-generation model (Workers AI)",
+        _envelope({"$ref": "#/components/schemas/RunResult"}),
+        "RunInput",
+        {},
+    )
+    tokenize = {
         "post": {
-            "summary": "Run a text-generation model (Workers AI)",
+            "summary": "An extension: the text and token ids a run body becomes",
             "requestBody": {
                 "required": True,
                 "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RunInput"}}},
             },
             "responses": {
-                "200": {
-                    "description": "The result in the envelope, or Server-Sent Events with stream: true",
-                    "content": {
-                        "application/json": {"schema": _envelope({"$ref": "#/components/schemas/RunResult"})},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **ERRORS,
+                "200": _json(
+                    _envelope(
+                        {
+                            "type": "object",
+                            "properties": {"prompt": {"type": "string"}, "tokens": {"type": "array"}},
+                            "required": ["prompt", "tokens"],
+                        }
+                    ),
+                    "The prompt as the model would see it",
+                ),
+                **_errors((400, 401, 403, 404, 405, 413, 503)),
             },
         }
     }
-    binding_run = {
-        "post": {
-            "summary": "The Worker binding's run request (env.AI.run), sent by workerd or forwarded by Miniflare",
-            "parameters": [
-                {"name": "cf-consn-model-id", "in": "header", "required": False, "schema": {"type": "string"}},
-                {"name": "version", "in": "query", "required": False, "schema": {"type": "string"}},
-            ],
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/BindingRun"}}},
-            },
-            "responses": {
-                "200": {
-                    "description": "The bare result, or Server-Sent Events when inputs.stream is true",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/RunResult"}},
-                        "text/event-stream": {"schema": {"type": "string"}},
-                    },
-                },
-                **ERRORS,
-            },
-        }
-    }
+    search_parameters = [
+        {"name": "search", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "task", "in": "query", "required": False, "schema": {"type": "string"}},
+        {"name": "page", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+        {
+            "name": "per_page",
+            "in": "query",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        },
+    ]
+    search = _get("Search the served models", {"type": "object", "required": ["result", "result_info"]})
+    search["get"]["parameters"] = search_parameters
+    binding_models = _get("The served models, as a Worker's env.AI.models() asks", {"type": "object"})
+    binding_models["get"]["parameters"] = search_parameters
+    schema_of = _get("A model's input and output JSON Schemas", _envelope({"type": "object"}))
+    schema_of["get"]["parameters"] = [
+        {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "enum": models}}
+    ]
+    finetune_result = _envelope({"type": "object"})
     paths: dict[str, Any] = {
-        "/run": binding_run,
-        "/ai-gateway/run": binding_run,
         "/client/v4/accounts/{account_id}/ai/run/{model}": run,
         "/ai/run/{model}": run,
-        "/client/v4/accounts/{account_id}/ai/models/search": {
-            "get": {
-                "summary": "Search the served models",
-                "parameters": [
-                    {"name": n, "in": "query", "required": False, "schema": {"type": t}}
-                    for n, t in (("search", "string"), ("task", "string"), ("page", "integer"), ("per_page", "integer"))
-                ],
-                "responses": {"200": _json(_envelope({"type": "array", "items": {"type": "object"}})), **ERRORS},
-            }
-        },
-        "/client/v4/accounts/{account_id}/ai/models/schema": {
-            "get": {
-                "summary": "A model's input and output JSON Schemas",
-                "parameters": [{"name": "model", "in": "query", "required": True, "schema": {"type": "string"}}],
-                "responses": {"200": _json(_envelope({"type": "object"})), **ERRORS},
-            }
-        },
+        "/ai/tokenize/{model}": tokenize,
+        "/run": binding,
+        "/ai-gateway/run": binding,
+        "/ai-api/models/search": binding_models,
+        "/client/v4/accounts/{account_id}/ai/models/search": search,
+        "/client/v4/accounts/{account_id}/ai/models/schema": schema_of,
         "/client/v4/accounts/{account_id}/ai/finetunes": {
             "post": {
                 "summary": "Create a LoRA fine-tune",
@@ -156,9 +249,12 @@ def build(store: ModelStore) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/FinetuneCreate"}}},
                 },
-                "responses": {"200": _json(_envelope({"type": "object"})), **ERRORS},
+                "responses": {"200": _json(finetune_result, "The fine-tune"), **_errors((*READ_ERRORS, 409, 413))},
             },
-            "get": {"summary": "List fine-tunes", "responses": {"200": _json(_envelope({"type": "array"})), **ERRORS}},
+            "get": {
+                "summary": "List fine-tunes",
+                "responses": {"200": _json(_envelope({"type": "array"}), "The fine-tunes"), **_errors(READ_ERRORS)},
+            },
         },
         "/client/v4/accounts/{account_id}/ai/finetunes/{finetune}/finetune-assets": {
             "post": {
@@ -174,57 +270,105 @@ def build(store: ModelStore) -> dict[str, Any]:
                                     "file": {"type": "string", "format": "binary"},
                                 },
                                 "required": ["file_name", "file"],
+                                "additionalProperties": False,
                             }
                         }
                     },
                 },
-                "responses": {"200": _json(_envelope({"type": "object"})), **ERRORS},
+                "responses": {
+                    "200": _json(finetune_result, "The fine-tune with the asset"),
+                    **_errors((*READ_ERRORS, 404, 409, 413, 503)),
+                },
             }
         },
         "/health": {
             "get": {
                 "summary": "503 while the model loads, 200 when ready",
-                "responses": {"200": _json({"type": "object"}), "503": _json({"type": "object"})},
+                "responses": {
+                    "200": _json({"type": "object", "required": ["status"]}, "Ready"),
+                    "405": _json(ENVELOPE, STATUS[405]),
+                    "503": _json({"type": "object", "required": ["status"]}, "Loading, or failed"),
+                },
             }
         },
         "/metrics": {
-            "get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text/plain exposition"}}}
-        },
-        "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json({"type": "object"})}}},
-        "/": {
-            "get": {"summary": "The browser playground", "responses": {"200": {"description": "text/html"}}},
-            "post": {
-                **binding_run["post"],
-                "summary": "The Worker binding's request as Miniflare's remote proxy forwards it (the inner URL in "
-                "MF-URL, original headers as MF-Header-*); with API tokens, the connection string is /binding/<token>",
-                "parameters": [
-                    {"name": "MF-URL", "in": "header", "required": True, "schema": {"type": "string"}},
-                    {"name": "MF-Binding", "in": "header", "required": False, "schema": {"type": "string"}},
-                ],
-            },
-        },
-        "/ai-api/models/search": {
             "get": {
-                "summary": "The served models, as a Worker's env.AI.models() asks for them",
-                "responses": {"200": _json(_envelope({"type": "array", "items": {"type": "object"}})), **ERRORS},
+                "summary": "Prometheus metrics",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    **_errors((401, 403, 405)),
+                },
             }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1"), "405": _json(ENVELOPE, STATUS[405])},
+            }
+        },
+        "/": {
+            "get": {
+                "summary": "The browser playground (or, with MF-Binding in the query and a websocket upgrade, "
+                "Miniflare 4's RPC probe, answered 501)",
+                "responses": {
+                    "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    "405": _json(ENVELOPE, STATUS[405]),
+                    "501": _json(ENVELOPE, STATUS[501]),
+                },
+            },
+            "post": {
+                "summary": "The Worker binding's request as Miniflare's remote proxy forwards it: the inner URL in "
+                "MF-URL, the original headers as MF-Header-*. With API tokens, the connection string is "
+                "/binding/<token>",
+                "parameters": [
+                    {
+                        "name": "MF-URL",
+                        "in": "header",
+                        "required": True,
+                        "schema": {
+                            "enum": [
+                                "https://workers-binding.ai/run?version=3",
+                                "https://workers-binding.ai/ai-gateway/run?version=3",
+                            ]
+                        },
+                    },
+                    {
+                        "name": "MF-Binding",
+                        "in": "header",
+                        "required": False,
+                        "description": "The binding's name in the Worker's configuration (e.g. AI): not checked",
+                        "schema": {"type": "string"},
+                    },
+                    {
+                        "name": "MF-Header-cf-consn-model-id",
+                        "in": "header",
+                        "required": True,
+                        "schema": {"enum": models},
+                    },
+                ],
+                "requestBody": binding["post"]["requestBody"],
+                "responses": binding["post"]["responses"],
+            },
         },
     }
     for prefix in OPENAI_PREFIXES:
-        paths[f"{prefix}/chat/completions"] = _openai_post(
-            "OpenAI-compatible chat completions", "ChatCompletionRequest", "chat.completion"
+        paths[f"{prefix}/chat/completions"] = _openai_operation(
+            "OpenAI-compatible chat completions", "ChatCompletionRequest", "chat.completion", "ChatCompletionChunk"
         )
-        paths[f"{prefix}/completions"] = _openai_post(
-            "OpenAI-compatible text completions", "CompletionRequest", "text_completion"
+        paths[f"{prefix}/completions"] = _openai_operation(
+            "OpenAI-compatible text completions", "CompletionRequest", "text_completion", "CompletionChunk"
         )
-        paths[f"{prefix}/models"] = {
-            "get": {"summary": "Served models", "responses": {"200": _json({"type": "object"})}}
-        }
-        paths[f"{prefix}/models/{{model}}"] = {
-            "get": {"summary": "One served model", "responses": {"200": _json({"type": "object"}), **OPENAI_ERRORS}}
-        }
+        paths[f"{prefix}/models"] = _get(
+            "Served models", {"type": "object", "required": ["data"]}, (401, 403, 405), OPENAI_ERROR
+        )
+        paths[f"{prefix}/models/{{model}}"] = _get(
+            "One served model", {"type": "object", "required": ["id"]}, (401, 403, 404, 405), OPENAI_ERROR
+        )
     for path, item in paths.items():
-        params = _path_params(path)
+        params = _path_params(path, models)
         if params:
             # Paths share operation objects (the run route has two spellings); parameters differ per path.
             paths[path] = {**item, "parameters": params}
@@ -242,21 +386,38 @@ def build(store: ModelStore) -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "RunInput": run_input,
+                "RunResult": result,
                 "BindingRun": {
                     "type": "object",
-                    "properties": {"inputs": {"$ref": "#/components/schemas/RunInput"}, "options": {"type": "object"}},
+                    "properties": {
+                        "inputs": {"$ref": "#/components/schemas/RunInput"},
+                        "options": {"type": ["object", "null"]},
+                    },
                     "required": ["inputs"],
                 },
-                "RunResult": {k: v for k, v in json_result.items() if k != "contentType"},
-                "ChatCompletionRequest": chat,
-                "CompletionRequest": completion,
-                "FinetuneCreate": finetune,
+                "RunEvent": _run_event(result),
+                "ChatCompletionRequest": _with_model_enum(
+                    _schema("openai.chat-completions.request.schema.json"), models
+                ),
+                "CompletionRequest": _with_model_enum(_schema("openai.completions.request.schema.json"), models),
+                "ChatCompletionChunk": _openai_chunk("chat.completion.chunk"),
+                "CompletionChunk": _openai_chunk("text_completion"),
+                "FinetuneCreate": _with_model_enum(_schema("finetune.create.request.schema.json"), models),
                 "Error": {
                     "type": "object",
                     "properties": {"code": {"type": "integer"}, "message": {"type": "string"}},
                     "required": ["code", "message"],
                 },
-                "ErrorEnvelope": _envelope({"type": "null"}),
+                "ErrorEnvelope": {
+                    "type": "object",
+                    "properties": {
+                        "result": {"type": "null"},
+                        "success": {"const": False},
+                        "errors": {"type": "array", "items": {"$ref": "#/components/schemas/Error"}, "minItems": 1},
+                        "messages": {"type": "array"},
+                    },
+                    "required": ["result", "success", "errors", "messages"],
+                },
                 "OpenAIError": {
                     "type": "object",
                     "properties": {
@@ -268,9 +429,61 @@ def build(store: ModelStore) -> dict[str, Any]:
                                 "param": {"type": ["string", "null"]},
                                 "code": {"type": ["string", "null"]},
                             },
+                            "required": ["message", "type", "param", "code"],
                         }
                     },
+                    "required": ["error"],
                 },
             },
+        },
+    }
+
+
+def _run_event(result: dict[str, Any]) -> dict[str, Any]:
+    """One event of Workers AI's stream: a piece of text, the tool calls, the usage, or a failure."""
+    usage = {
+        "type": "object",
+        "properties": {
+            "prompt_tokens": {"type": "integer"},
+            "completion_tokens": {"type": "integer"},
+            "total_tokens": {"type": "integer"},
+        },
+        "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+    }
+    padding = {"type": "string", "description": "Random-length padding that hides token lengths"}
+    return {
+        "oneOf": [
+            {
+                "type": "object",
+                "properties": {
+                    "response": {"type": "string"},
+                    "tool_calls": result["properties"]["tool_calls"],
+                    "usage": usage,
+                    "p": padding,
+                },
+                "required": ["response"],
+                "additionalProperties": False,
+            },
+            {
+                "type": "object",
+                "properties": {"error": {"$ref": "#/components/schemas/Error"}},
+                "required": ["error"],
+                "additionalProperties": False,
+            },
+        ]
+    }
+
+
+def _openai_chunk(kind: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": kind},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {"type": "array"},
+            "usage": {"type": "object"},
+            "error": {"type": "object"},
         },
     }

@@ -17,6 +17,7 @@ from jsonschema.exceptions import SchemaError
 from .contract import RunRequest, response_schema
 from .engine import ChatPrompt, CompletionRequest, Grammar, Prompt, TextPrompt
 from .errors import BAD_INPUT, ApiError, bad_input
+from .json_values import parse_model_json
 from .tools import Tool, ToolCalling
 
 JSON_MODE_UNMET = "JSON Mode couldn't be met"
@@ -104,7 +105,7 @@ class RunPlan:
     def parse_json(self, text: str) -> Any:
         assert self.json_schema is not None
         try:
-            value = json.loads(text)
+            value = parse_model_json(text)
         except json.JSONDecodeError as exc:
             # The engine closes every document within the budget; only a cancelled generation ends early.
             message = f"{JSON_MODE_UNMET}: the answer ended early ({exc}); raise max_tokens"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .engine import Grammar
+from .json_values import finite_or_null
 
 
 @dataclass(frozen=True)
@@ -28,7 +29,9 @@ class Tool:
     @classmethod
     def from_request(cls, raw: Mapping[str, Any]) -> Tool:
         """Either shape the schema allows: {name, description, parameters} or {type, function: {...}}."""
-        spec = raw["function"] if "function" in raw else raw
+        # The flat shape is the one the schema's first alternative requires `name` of; a flat tool may still carry
+        # an unrelated "function" key, so the shape is told by `name`, not by the presence of "function".
+        spec = raw if "name" in raw else raw["function"]
         # OpenAI lets a function go without parameters: it then takes none.
         parameters = spec.get("parameters") or {"type": "object", "properties": {}}
         return cls(spec["name"], spec.get("description", ""), dict(parameters))
@@ -185,7 +188,7 @@ class ToolCalling:
         stripped = text.strip()
         if self.choice == "none" or not stripped.startswith("{"):
             return text, []
-        decoder = json.JSONDecoder()
+        decoder = json.JSONDecoder(parse_float=finite_or_null)
         calls: list[ToolCall] = []
         rest = stripped
         while rest.startswith("{"):

@@ -86,7 +86,10 @@ def lora_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory, lora_dir: Path) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    proc = ServerProcess(log, "--ctx-size", str(TEST_CTX), "--lora-dir", str(lora_dir))
+    # The slots KV layout: many tests compare outputs across requests bit for bit (concurrent against alone, an
+    # adapter of zeros against none, a reused prefix against a cold one), which only that layout promises. The
+    # default pool layout has its own tests (test_kv_pool.py) and serves the other fixtures' servers.
+    proc = ServerProcess(log, "--kv-layout", "slots", "--ctx-size", str(TEST_CTX), "--lora-dir", str(lora_dir))
     try:
         yield proc.wait_ready()
     finally:

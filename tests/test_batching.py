@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import metric, run_url, wait_idle
+from conftest import TEST_CTX, ServerProcess, metric, run_url, wait_idle
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
 
@@ -28,10 +28,20 @@ def complete(url: str, prompt: str, **extra) -> dict:
 
 
 def test_concurrent_requests_produce_what_they_produce_alone(server):
+    # The shared server runs the slots KV layout, where this is promised (the pool's placement can change sums).
     alone = [complete(server.url, p)["response"] for p in PROMPTS]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:
         together = list(pool.map(lambda p: complete(server.url, p)["response"], PROMPTS))
     assert together == alone
+    health = httpx.get(server.url + "/health").json()
+    assert (health["kv_size"], health["context_window"]) == (TEST_CTX * health["slots"], TEST_CTX)
+
+
+def test_the_slots_layout_is_sized_by_ctx_size_alone(tmp_path):
+    proc = ServerProcess(tmp_path / "both.log", "--kv-layout", "slots", "--kv-size", "4096")
+    assert proc.process.wait(timeout=120) == 1
+    proc.stop()
+    assert "in the slots layout each slot holds --ctx-size" in proc.log()
 
 
 def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
@@ -140,6 +150,7 @@ def test_metrics_count_this_tests_own_requests(client):
         final = [line for line in response.iter_lines() if line.startswith("data: {")][-1]
     usages.append(json.loads(final.removeprefix("data: "))["usage"])
     assert_error(client.post(run_url(), json={"prompt": ""}), 400, 5006)
+    wait_idle(client, timeout=10)  # the stream's last event may reach us a moment before its slot is given back
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")

@@ -179,7 +179,14 @@ def test_unknown_lora(client):
 
 def test_unknown_route_and_method_use_the_envelope(client):
     assert_error(client.get("/client/v4/accounts/x/ai/nothing"), 404, 7003, "Could not route")
-    assert_error(client.get(run_url()), 405, 7001, "GET")
+    refused = client.get(run_url())
+    assert_error(refused, 405, 7001, "GET")
+    assert refused.headers["allow"] == "POST"  # RFC 9110: a 405 names the methods that are allowed
+    # Every route of the path counts, and an OpenAI path answers in OpenAI's error shape.
+    assert client.put("/client/v4/accounts/x/ai/finetunes").headers["allow"] == "GET, HEAD, POST"
+    openai = client.delete("/v1/chat/completions")
+    assert openai.status_code == 405 and openai.headers["allow"] == "POST"
+    assert openai.json()["error"]["message"] == "Method DELETE not allowed here"
 
 
 @pytest.mark.parametrize(

@@ -148,7 +148,7 @@ def test_raw_mode_never_doubles_bos_and_llama_cpp_never_warns(llama):
 
 def test_the_stand_in_has_the_real_models_context_and_shape(llama):
     health = httpx.get(llama.url + "/health").json()
-    assert health["context_per_slot"] == 4096
+    assert health["context_window"] == 4096
     found = httpx.get(f"{llama.url}/client/v4/accounts/a/ai/models/search").json()["result"][0]
     # The catalog reports the served context: the trained 131072 clamped by --ctx-size here.
     assert {"property_id": "context_window", "value": "4096"} in found["properties"]

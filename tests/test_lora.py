@@ -96,7 +96,7 @@ def test_peft_finetune_round_trip(client, server):
     config, tensors = peft_adapter(b_scale=0.3, seed=7)
     assert_error(upload(client, "pirate", "weights.bin", b"x"), 400, 3039, "file_name")
     assert_ok(upload(client, "pirate", "adapter_config.json", json.dumps(config).encode()))
-    assert_error(upload(client, "pirate", "adapter_config.json", b"{}"), 400, 5006, "cannot be replaced")
+    assert_error(upload(client, "pirate", "adapter_config.json", b"{}"), 409, 5006, "cannot be replaced")
     assert_ok(upload(client, created["id"], "adapter_model.safetensors", save_bytes(tensors)))
 
     listed = assert_ok(client.get(finetunes_url()))
@@ -116,7 +116,7 @@ def test_finetune_errors(client):
     assert_error(client.post(finetunes_url(), json={"model": "@cf/none/none", "name": "x"}), 400, 5007)
     assert_error(client.post(finetunes_url(), json={"model": MODEL}), 400, 5006, "'name'")
     assert_ok(client.post(finetunes_url(), json={"model": MODEL, "name": "twice"}))
-    assert_error(client.post(finetunes_url(), json={"model": MODEL, "name": "twice"}), 400, 5006, "exists")
+    assert_error(client.post(finetunes_url(), json={"model": MODEL, "name": "twice"}), 409, 5006, "exists")
     assert_error(upload(client, "nobody", "adapter_config.json", b"{}"), 404, 3042)
     too_wide = json.dumps({"model_type": "llama", "r": 64}).encode()
     assert_ok(client.post(finetunes_url(), json={"model": MODEL, "name": "wide"}))

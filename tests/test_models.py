@@ -137,7 +137,7 @@ def test_environment_configures_and_flags_win(tmp_path):
         proc.wait_ready()
         health = httpx.get(proc.url + "/health").json()
         assert health["slots"] == 2
-        assert health["context_per_slot"] == 768
+        assert health["context_window"] == 768
     finally:
         proc.stop()
     # Threads default to the physical cores of this machine.

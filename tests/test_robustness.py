@@ -27,6 +27,10 @@ BODIES = [
     b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": [{"type": "text"}]}]}',
     b'{"model": "' + MODEL.encode() + b'", "prompt": ["a", "b"]}',
     b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "x"}], "stop": ["", ""]}',
+    # Whole numbers written as floats are JSON Schema integers: they must reach the sampler as ints.
+    b'{"prompt": "x", "seed": 690.0, "top_k": 3.0, "max_tokens": 2.0}',
+    b'{"model": "' + MODEL.encode() + b'", "prompt": "x", "seed": 690.0, "top_k": 3.0, "max_tokens": 2.0}',
+    b'{"messages": [], "max_tokens": 2}',
 ]
 
 

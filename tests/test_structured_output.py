@@ -16,6 +16,8 @@ from conftest import MODEL, metric, run_url
 from jsonschema import Draft202012Validator
 from test_contract import assert_error, assert_ok
 
+from server.json_values import parse_model_json
+
 EVENT = {
     "type": "object",
     "properties": {
@@ -284,3 +286,9 @@ def test_the_model_is_shown_the_schema_unless_the_request_speaks_of_json(client)
     own = {"messages": [{"role": "user", "content": "India, as JSON with name, code and capital."}]}
     described = assert_ok(client.post(f"/ai/tokenize/{MODEL}", json={**own, "response_format": fmt}))
     assert "JSON Schema" not in described["prompt"]
+
+
+def test_a_number_beyond_a_double_reads_as_javascript_reads_it():
+    # JSON's grammar lets a constrained answer hold 1e999; the service's JSON.parse makes it Infinity, which its
+    # JSON.stringify writes as null. Python would make it inf, which no JSON answer can carry (it was a 500).
+    assert parse_model_json('{"a": 1e999, "b": [-1E400, 2.5], "c": 7}') == {"a": None, "b": [None, 2.5], "c": 7}

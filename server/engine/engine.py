@@ -7,7 +7,10 @@ streams already running for more than a step. Each slot samples with its own nat
 
 A slot keeps its KV cache after a request ends. A new request goes to the free slot that already holds the
 longest prefix of its prompt (or to its conversation's slot, named by a session key), and only the rest of
-the prompt is computed.
+the prompt is computed; an exact repeat of a cached prompt computes nothing (the slot kept the logits of the
+prompt's last token). All slots share one KV pool (`--kv-size` cells, llama.cpp's unified cache): a request is
+admitted when the pool can hold its prompt and its max_tokens beside what running requests may still come to
+hold, idle slots' caches giving way least recently used first; until then it waits in the queue.
 
 The asyncio side sees `Engine.submit`, iteration over a `Generation`, and `Generation.cancel`.
 """
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import llama_cpp as llama
+import numpy as np
 
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
@@ -142,10 +146,30 @@ class Slot:
     session: str | None = None
     adapter: Path | None = None  # the adapter the cached KV was computed with
     last_used: int = 0
+    # The logits after the last prompt token, kept with the cache: an identical prompt then starts from them and
+    # computes nothing (they are exactly what computing it again would give).
+    prompt_logits: np.ndarray | None = None
+    prompt_length: int = 0
 
     @property
     def prefilling(self) -> bool:
         return self.job is not None and self.n_generated == 0
+
+    @property
+    def reserved(self) -> int:
+        """KV cells this slot may come to hold: a running request's prompt and every token it may generate; an
+        idle slot's cache (which can be evicted)."""
+        if self.job is None:
+            return len(self.cached)
+        return len(self.job.tokens) + self.job.generation.max_tokens
+
+    def repeats(self, tokens: Sequence[int]) -> bool:
+        """Whether `tokens` is exactly the prompt whose logits this slot kept."""
+        return (
+            self.prompt_logits is not None
+            and self.prompt_length == len(tokens)
+            and self.cached[: len(tokens)] == list(tokens)
+        )
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -249,8 +273,19 @@ class Engine:
         return self.model is not None and self.model.has_control_token(PYTHON_TAG)
 
     @property
-    def context_per_slot(self) -> int:
-        return self.model.n_ctx_seq if self.model else 0
+    def context_window(self) -> int:
+        """The longest context (prompt and answer) one request may use."""
+        return self.model.context_window if self.model else 0
+
+    @property
+    def kv_size(self) -> int:
+        """KV cache cells shared by every request."""
+        return self.model.kv_size if self.model else 0
+
+    @property
+    def kv_reserved(self) -> int:
+        """Cells the running requests may come to hold (read without locking: a snapshot for monitoring)."""
+        return sum(slot.reserved for slot in self._slots if slot.job is not None)
 
     def prompt_text(self, prompt: Prompt) -> str:
         """The text a prompt becomes: raw text as is, turns through the model's chat template."""
@@ -282,9 +317,9 @@ class Engine:
             raise EngineNotReady(self.error or "the model is still loading")
         prepared = await asyncio.to_thread(self._prepare, request)
         tokens = prepared.tokens
-        room = self.context_per_slot - len(tokens)
+        room = self.context_window - len(tokens)
         if room < 1:
-            raise PromptTooLong(len(tokens), self.context_per_slot)
+            raise PromptTooLong(len(tokens), self.context_window)
         max_tokens = min(request.max_tokens, room)
         if prepared.shortest_answer > max_tokens:
             raise BudgetTooSmall(prepared.shortest_answer, max_tokens, request.max_tokens)
@@ -330,14 +365,18 @@ class Engine:
                 self.on_failure(self.error)
             return
         log.info(
-            "model ready: %s (%s), context %d tokens x %d slots, %d threads%s",
+            "model ready: %s (%s), %s of %d tokens (%s) for %d requests at once, up to %d tokens each, %d threads%s",
             path.name,
             self.model.description,
-            self.model.n_ctx_seq,
+            "one KV pool" if self.model.shared_pool else "KV cache in slots",
+            self.model.kv_size,
+            self.model.cache_type,
             self.model.n_seq,
+            self.model.context_window,
             self.model.n_threads,
             ", all layers on the GPU" if self.model.gpu_offload else "",
         )
+        log.info("memory: %s", self.model.memory_report)
         self.prefill_block = self._requested_block or prefill_block_for(self.model.n_params, self.model.gpu_offload)
         slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
@@ -364,8 +403,40 @@ class Engine:
                 free = [slot for slot in slots if slot.job is None]
                 if not free:
                     break
-                job = self._waiting.popleft()
-                self._assign(self._pick_slot(free, job), job)
+                job = self._waiting[0]
+                slot = self._pick_slot(free, job)
+                if not self._make_room(slots, slot, job):
+                    break  # it waits, first in line, for running requests to give cells back
+                self._waiting.popleft()
+                try:
+                    self._assign(slot, job)
+                except Exception as exc:  # a request the engine cannot serve fails alone, never the engine
+                    log.exception("request failed on admission")
+                    failure = Failed(f"the request could not be started: {exc}")
+                    if slot.job is job:
+                        self._finish(slot, failure)
+                    else:
+                        job.generation.deliver(failure)
+        return True
+
+    def _make_room(self, slots: list[Slot], chosen: Slot, job: _Job) -> bool:
+        """Whether the pool can hold `job` in `chosen` along with what the running requests may come to hold,
+        evicting idle slots' caches, least recently used first, to make it so."""
+        assert self.model is not None
+        if not self.model.shared_pool:
+            return True  # each slot has its own stream, as long as any request may be
+        need = len(job.tokens) + job.generation.max_tokens
+        running = sum(slot.reserved for slot in slots if slot.job is not None)
+        if running + need > self.model.kv_size:
+            return False
+        idle = sorted((s for s in slots if s.job is None and s is not chosen and s.cached), key=lambda s: s.last_used)
+        held = sum(len(s.cached) for s in idle)
+        while idle and running + need + held > self.model.kv_size:
+            evicted = idle.pop(0)
+            held -= len(evicted.cached)
+            self.model.forget(evicted.seq_id)
+            evicted.cached.clear()
+            evicted.prompt_logits = None
         return True
 
     def _pick_slot(self, free: list[Slot], job: _Job) -> Slot:
@@ -374,15 +445,21 @@ class Engine:
             for slot in free:
                 if slot.session == session:
                     return slot
-        # The most reusable blocks win; among equals, a slot no conversation claims, then the lowest sequence id:
-        # llama.cpp puts only consecutive sequence ids into one micro-batch, so busy slots packed together
-        # decode in one pass where scattered ones take a pass per gap.
-        return max(free, key=lambda s: (self._reusable(s, job), s.session is None, -s.seq_id))
+        # The most reusable blocks win; among equals, a slot no conversation claims, then an empty one, then the
+        # least recently used (so that conversations taking turns do not evict each other's prefixes), then the
+        # lowest sequence id: llama.cpp puts only consecutive sequence ids into one micro-batch, so busy slots
+        # packed together decode in one pass where scattered ones take a pass per gap.
+        return max(
+            free,
+            key=lambda s: (self._reusable(s, job), s.session is None, not s.cached, -s.last_used, -s.seq_id),
+        )
 
     def _reusable(self, slot: Slot, job: _Job) -> int:
         # KV computed under one adapter is wrong under another.
         if slot.adapter != job.request.adapter:
             return 0
+        if slot.repeats(job.tokens):
+            return len(job.tokens)
         return reusable(slot.cached, job.tokens, self.prefill_block)
 
     def _assign(self, slot: Slot, job: _Job) -> None:
@@ -390,6 +467,8 @@ class Engine:
         reuse = self._reusable(slot, job)
         self.model.forget(slot.seq_id, reuse)
         del slot.cached[reuse:]
+        if reuse < slot.prompt_length:
+            slot.prompt_logits = None
         slot.pending = job.tokens[reuse:]
         slot.job = job
         constraint = None
@@ -402,6 +481,9 @@ class Engine:
         slot.adapter = job.request.adapter
         slot.last_used = next(self._clock)
         job.generation.cached_tokens = reuse
+        if not slot.pending:  # the whole prompt was cached, with its logits: the answer starts at once
+            assert slot.prompt_logits is not None
+            self._advance(slot, slot.prompt_logits.copy())
 
     def _step(self, slots: list[Slot], batch: llama.llama_batch) -> None:
         assert self.model is not None
@@ -424,8 +506,9 @@ class Engine:
         self._generate_seconds = time.perf_counter() - started
 
         # ...then prompts advance by whole blocks within the step's budget. Blocks of the same length (and
-        # adapter) from different prompts share a decode call: llama.cpp gives each sequence its own attention
-        # stream, so every block is still computed exactly as it would be alone.
+        # adapter) from different prompts share a decode call: in the slots layout llama.cpp gives each sequence
+        # its own attention stream, so every block is still computed exactly as it would be alone (in the pool
+        # layout, attention spans the shared cells, see LlamaModel).
         budget = self._prefill_budget(streams_waiting=bool(generating))
         while budget > 0:
             blocks: dict[tuple[int, Path | None], list[Slot]] = {}
@@ -501,12 +584,21 @@ class Engine:
             previous = self._prefill_rate
             self._prefill_rate = rate if previous is None else (1 - RATE_WEIGHT) * previous + RATE_WEIGHT * rate
         for slot, index in outputs:
-            self._advance(slot, index)
+            if slot.prefilling:
+                slot.prompt_logits = self.model.logits(index).copy()
+                slot.prompt_length = len(slot.cached)
+            try:
+                self._advance(slot, index)
+            except Exception as exc:  # a sampler that fails ends its own request, never the engine
+                log.exception("sampling failed")
+                if slot.job is not None:
+                    self._finish(slot, Failed(f"generation failed: {exc}"))
 
-    def _advance(self, slot: Slot, index: int) -> None:
+    def _advance(self, slot: Slot, logits: int | np.ndarray) -> None:
+        """Sample from `logits` (an output of the last decode, or a copy kept with the cache) and deliver."""
         assert self.model is not None and slot.sampler and slot.text and slot.job
         generation = slot.job.generation
-        step = slot.sampler.next(self.model, index, generation.max_tokens - slot.n_generated)
+        step = slot.sampler.next(self.model, logits, generation.max_tokens - slot.n_generated)
         for token in step.tokens:
             if self.model.is_end_of_generation(token):
                 self._finish(slot, Finished(FinishReason.STOP, slot.n_generated))
@@ -533,5 +625,6 @@ class Engine:
             # What the failed decode left in the cache is unknown; start this slot afresh.
             self.model.forget(slot.seq_id)
             slot.cached.clear()
+            slot.prompt_logits = None
         slot.job, slot.sampler, slot.text = None, None, None
         slot.pending = []

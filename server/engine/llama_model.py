@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp as llama
+import numpy as np
 
 log = logging.getLogger("server.llama")
 
 # ggml's log levels (ggml.h of this build): 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
 # Its info level narrates every model load in a hundred lines, so it goes to debug with the rest.
 _LOG_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+
+
+# The buffers llama.cpp reports as it creates a context ("CPU compute buffer size = 25.01 MiB"), in MiB.
+_BUFFER_REPORT = re.compile(r"(compute|KV|output) buffer size = +([0-9.]+) MiB")
+_reported_buffers: dict[str, float] = {}
 
 
 @llama.llama_log_callback
@@ -28,6 +35,9 @@ def _forward_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
     message = text.decode("utf-8", errors="replace").rstrip()
     if message:
         log.log(_LOG_LEVELS.get(level, logging.DEBUG), "%s", message)
+        found = _BUFFER_REPORT.search(message)
+        if found:
+            _reported_buffers[found[1]] = _reported_buffers.get(found[1], 0.0) + float(found[2])
 
 
 _backend_ready = False
@@ -55,14 +65,66 @@ class AdapterError(Exception):
 
 @dataclass(frozen=True)
 class ContextSettings:
-    n_ctx: int  # tokens per slot; 0: the model's trained length, capped at DEFAULT_CTX_CAP
+    n_ctx: int  # the longest context one request may use; 0: the model's trained length (within the pool)
     n_batch: int
-    n_seq: int
+    n_seq: int  # requests decoded together
     n_threads: int
     n_gpu_layers: int  # -1: every layer, where the build can offload
+    kv_size: int = 0  # KV cache cells shared by every request; 0: derived from the model and free memory
+    cache_type: str = "f16"  # K and V element type: f16, q8_0 or q4_0
+    kv_layout: str = "pool"  # "pool": one unified KV cache; "slots": a KV stream of n_ctx per request slot
 
 
-DEFAULT_CTX_CAP = 8192
+MIB = 1024 * 1024
+# Bytes per K or V element: f16, and ggml's blocks of 32 (an f16 scale with 32 8-bit or 4-bit values).
+CACHE_TYPES = {
+    "f16": (llama.GGML_TYPE_F16, 2.0),
+    "q8_0": (llama.GGML_TYPE_Q8_0, 34 / 32),
+    "q4_0": (llama.GGML_TYPE_Q4_0, 18 / 32),
+}
+# Of the memory left once the weights are in, what a derived pool may take: the rest stays for the system, the
+# compute buffers and other processes.
+DEFAULT_KV_SHARE = 0.5
+KV_GRANULE = 256  # llama.cpp pads the attended cells to this
+KV_LAYOUTS = ("pool", "slots")
+# A slot's own window in the slots layout, when --ctx-size does not say: Llama 3.1's 128K would need 16 GB of f16
+# KV cache per slot.
+SLOT_WINDOW_CAP = 8192
+
+
+def available_memory() -> int:
+    """Bytes the kernel says can be had without swapping (MemAvailable)."""
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a layout needs: the weights, the shared KV pool and the compute buffers (an estimate until the context
+    exists and llama.cpp reports them)."""
+
+    weights: int
+    kv_tokens: int
+    kv_bytes_per_token: float
+    compute: int
+    available: int
+
+    @property
+    def kv(self) -> int:
+        return int(self.kv_tokens * self.kv_bytes_per_token)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+    def describe(self) -> str:
+        return (
+            f"weights {self.weights / MIB:.0f} MiB + KV cache {self.kv / MIB:.0f} MiB ({self.kv_tokens} tokens at "
+            f"{self.kv_bytes_per_token / 1024:.1f} KiB) + compute buffers {self.compute / MIB:.0f} MiB "
+            f"= {self.total / MIB:.0f} MiB, of {self.available / MIB:.0f} MiB available"
+        )
 
 
 class LlamaModel:
@@ -82,24 +144,48 @@ class LlamaModel:
         self.n_ctx_train = llama.llama_model_n_ctx_train(self.model)
         self.n_params = llama.llama_model_n_params(self.model)
 
+        if settings.cache_type not in CACHE_TYPES:
+            raise ModelLoadError(f"unknown cache type {settings.cache_type!r}: use one of {', '.join(CACHE_TYPES)}")
+        if settings.kv_layout not in KV_LAYOUTS:
+            raise ModelLoadError(f"unknown KV layout {settings.kv_layout!r}: use one of {', '.join(KV_LAYOUTS)}")
+        cache_type, element_bytes = CACHE_TYPES[settings.cache_type]
+        self.shared_pool = settings.kv_layout == "pool"
+        if not self.shared_pool and settings.kv_size:
+            raise ModelLoadError("--kv-size sizes the pool layout; in the slots layout each slot holds --ctx-size")
+        self.plan = self._plan_memory(settings, element_bytes)
+        if self.plan.total > self.plan.available and not self.gpu_offload:
+            llama.llama_model_free(self.model)
+            raise ModelLoadError(f"this layout does not fit in memory: {self.plan.describe()}; lower --kv-size")
+        # The pool layout is one set of KV cells for every request (llama.cpp's unified KV cache): a request may use
+        # up to its context window, and many short ones share the same memory. But attention then runs over the
+        # pool's occupied extent and a request's cells lie wherever room was, and llama.cpp's kernels do not sum
+        # bit-identically over different extents and placements: a request's output can depend on what else the
+        # pool holds. The slots layout gives each slot a stream of its own, as before the pool, and keeps outputs
+        # independent of everything else.
         ctx_params = llama.llama_context_default_params()
-        # Each slot gets its own n_ctx cells (kv_unified off), so one long conversation cannot starve the others.
-        n_ctx = (settings.n_ctx or min(self.n_ctx_train, DEFAULT_CTX_CAP)) * settings.n_seq
-        ctx_params.n_ctx = n_ctx
+        ctx_params.n_ctx = self.plan.kv_tokens
         ctx_params.n_batch = settings.n_batch
         ctx_params.n_ubatch = settings.n_batch
         ctx_params.n_seq_max = settings.n_seq
         ctx_params.n_threads = settings.n_threads
         ctx_params.n_threads_batch = settings.n_threads
-        ctx_params.kv_unified = False
+        ctx_params.kv_unified = self.shared_pool
+        ctx_params.type_k = ctx_params.type_v = cache_type
+        if settings.cache_type != "f16":
+            ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
         ctx_params.no_perf = True
+        _reported_buffers.clear()
         self.ctx = llama.llama_init_from_model(self.model, ctx_params)
         if not self.ctx:
             llama.llama_model_free(self.model)
-            raise ModelLoadError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+            raise ModelLoadError(f"llama.cpp could not create a context for {path}: {self.plan.describe()}")
         self.memory = llama.llama_get_memory(self.ctx)
-        self.n_ctx = llama.llama_n_ctx(self.ctx)
-        self.n_ctx_seq = llama.llama_n_ctx_seq(self.ctx)
+        self.kv_size = llama.llama_n_ctx(self.ctx)
+        if self.shared_pool:
+            self.context_window = min(settings.n_ctx or self.n_ctx_train, self.kv_size)
+        else:
+            self.context_window = self.kv_size // settings.n_seq
+        self.cache_type = settings.cache_type
         self.n_batch = llama.llama_n_batch(self.ctx)
         self.n_seq = settings.n_seq
         self.n_threads = settings.n_threads
@@ -111,6 +197,31 @@ class LlamaModel:
         self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self.description = self._string(lambda buf, n: llama.llama_model_desc(self.model, buf, n))
+
+    def _plan_memory(self, settings: ContextSettings, element_bytes: float) -> MemoryPlan:
+        n_embd = llama.llama_model_n_embd(self.model)
+        head_dim = n_embd // max(1, llama.llama_model_n_head(self.model))
+        per_token = llama.llama_model_n_layer(self.model) * 2 * llama.llama_model_n_head_kv(self.model) * head_dim
+        bytes_per_token = per_token * element_bytes
+        weights = llama.llama_model_size(self.model)
+        # llama.cpp keeps logits for a whole batch and activations for a batch of n_embd-wide rows.
+        compute = settings.n_batch * (self.n_vocab * 4 + n_embd * 4 * 16)
+        available = available_memory()
+        if settings.kv_layout == "slots":
+            window = settings.n_ctx or min(self.n_ctx_train, SLOT_WINDOW_CAP)
+            return MemoryPlan(weights, window * settings.n_seq, bytes_per_token, compute, available)
+        kv_tokens = settings.kv_size
+        if not kv_tokens:
+            room = max(0, available - weights - compute) * DEFAULT_KV_SHARE
+            kv_tokens = min(self.n_ctx_train, int(room / bytes_per_token))
+            kv_tokens = max(kv_tokens // KV_GRANULE * KV_GRANULE, KV_GRANULE * settings.n_seq)
+        return MemoryPlan(weights, kv_tokens, bytes_per_token, compute, available)
+
+    @property
+    def memory_report(self) -> str:
+        """The memory plan with llama.cpp's own figures for what it allocated, once the context exists."""
+        reported = " + ".join(f"{kind} {mib:.0f} MiB" for kind, mib in sorted(_reported_buffers.items()))
+        return f"{self.plan.describe()}; llama.cpp allocated {reported or 'nothing it reported'}"
 
     # -- vocabulary (any thread) ---------------------------------------------------------------------------
 
@@ -200,6 +311,10 @@ class LlamaModel:
         if status != 0:
             reason = "no room left in the KV cache" if status == 1 else f"llama_decode returned {status}"
             raise DecodeError(reason)
+
+    def logits(self, output_index: int) -> np.ndarray:
+        """The logits of an output of the last decode, as a view of llama.cpp's buffer (valid until the next)."""
+        return np.ctypeslib.as_array(llama.llama_get_logits_ith(self.ctx, output_index), shape=(self.n_vocab,))
 
     def use_adapter(self, path: Path | None) -> None:
         """Make the context decode with this LoRA adapter (loaded on first use), or with none."""

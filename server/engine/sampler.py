@@ -15,7 +15,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .llama_model import LlamaModel
-from .structured import Constraint, Step, write_mask
+from .structured import Constraint, Step
 
 # llama.cpp treats this seed value as "pick one at random".
 _RANDOM_SEED = 0xFFFFFFFF
@@ -100,57 +100,54 @@ class Sampler:
         """The grammar allows nothing more: the answer is complete."""
         return self.constraint is not None and self.constraint.finished
 
-    def next(self, model: LlamaModel, output_index: int, tokens_left: int) -> Step:
-        """The tokens that follow the logits at `output_index` of the last decode: the one sampled, then, under a
-        grammar, the ones it forces (or the ending the budget calls for)."""
-        if self.constraint is None:
-            return Step([llama.llama_sampler_sample(self.chain, model.ctx, output_index)], ended=False)
+    def next(self, model: LlamaModel, logits: int | np.ndarray, tokens_left: int) -> Step:
+        """The tokens that follow `logits` (an output index of the last decode, or logits kept with the cache,
+        which this may write over): the one sampled, then, under a grammar, the ones it forces (or the ending
+        the budget calls for)."""
+        step = self._constrained(model, logits, tokens_left) if self.constraint else Step([self._draw(model, logits)])
+        if self.remembers:
+            for token in step.tokens:
+                llama.llama_sampler_accept(self.chain, token)
+        return step
+
+    def _constrained(self, model: LlamaModel, logits: int | np.ndarray, tokens_left: int) -> Step:
+        assert self.constraint is not None
         # Sample as if free, and ask the grammar about that one token; only a rejected draw pays for the mask.
         # Masking after the draw gives the masked distribution: temperature and penalties act on each token
         # alone, so a valid draw is as likely as it would be with the mask applied first.
         if self._masked_steps:
             self._masked_steps -= 1
-            token = self._draw(model, output_index, self.constraint.allowed())
+            token = self._draw(model, logits, self.constraint.allowed())
         else:
-            token = self._draw(model, output_index)
+            token = self._draw(model, logits)
             if self.constraint.allows(token):
                 self._rejections = 0
             else:
                 self._rejections += 1
                 if self._rejections >= REJECTIONS_BEFORE_MASKING:
                     self._rejections, self._masked_steps = 0, MASKED_STEPS
-                token = self._draw(model, output_index, self.constraint.allowed())
+                token = self._draw(model, logits, self.constraint.allowed())
         if model.is_end_of_generation(token):
-            step = Step([token], ended=False)
-        else:
-            step = self.constraint.take(token, tokens_left)
-        if self.remembers:
-            for t in step.tokens:
-                llama.llama_sampler_accept(self.chain, t)
-        return step
+            return Step([token])
+        return self.constraint.take(token, tokens_left)
 
-    def _draw(self, model: LlamaModel, output_index: int, allowed: np.ndarray | None = None) -> int:
-        logits = llama.llama_get_logits_ith(model.ctx, output_index)
+    def _draw(self, model: LlamaModel, logits: int | np.ndarray, allowed: np.ndarray | None = None) -> int:
+        row = model.logits(logits) if isinstance(logits, int) else logits
+        if allowed is not None:
+            np.copyto(row, np.float32(-np.inf), where=~allowed)
         if self.params.greedy and not self.remembers:
-            # The most likely allowed token, found in place: llama.cpp's greedy sampler would first copy the whole
-            # row into a candidate array for the same answer (the first of equal maxima).
-            row = np.ctypeslib.as_array(logits, shape=(model.n_vocab,))
-            if allowed is not None:
-                write_mask(logits, allowed, model.n_vocab)
+            # The most likely (allowed) token, found in place: llama.cpp's greedy sampler would first copy the
+            # whole row into a candidate array for the same answer (the first of equal maxima).
             return int(np.argmax(row))
-        if not self.remembers:
+        if isinstance(logits, int) and not self.remembers:
             # Stateless samplers accept nothing, so the chain may draw straight from the context's logits.
-            if allowed is not None:
-                write_mask(logits, allowed, model.n_vocab)
-            return llama.llama_sampler_sample(self.chain, model.ctx, output_index)
+            return llama.llama_sampler_sample(self.chain, model.ctx, logits)
+        # Otherwise the chain draws from a candidate array of our own; next() has it accept the tokens kept.
         if self._candidates is None:
             self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
-            self._candidates["id"] = np.arange(model.n_vocab, dtype=np.int32)
         candidates = self._candidates
         candidates["id"] = np.arange(model.n_vocab, dtype=np.int32)  # the chain may have sorted them
-        candidates["logit"] = np.ctypeslib.as_array(logits, shape=(model.n_vocab,))
-        if allowed is not None:
-            np.copyto(candidates["logit"], np.float32(-np.inf), where=~allowed)
+        candidates["logit"] = row
         array = llama.llama_token_data_array(
             data=candidates.ctypes.data_as(llama.llama_token_data_p), size=model.n_vocab, selected=-1, sorted=False
         )

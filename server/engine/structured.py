@@ -12,7 +12,6 @@ generation, a budget that cannot hold the shortest valid answer is refused.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass
 
 import llguidance as llg
@@ -141,7 +140,7 @@ class _Documents:
 @dataclass
 class Step:
     tokens: list[int]  # to emit, in order
-    ended: bool  # the budget closed the answer: emit these and stop
+    ended: bool = False  # the budget closed the answer: emit these and stop
 
 
 class Constraint:
@@ -226,8 +225,3 @@ class Constraint:
     def _adopt(self, trial: Constraint) -> None:
         self.matcher, self.documents = trial.matcher, trial.documents
         self._ending, self._ending_age = trial._ending, trial._ending_age
-
-
-def write_mask(logits: ctypes._Pointer, allowed: np.ndarray, size: int) -> None:
-    """Forbid, in a logits row of the context, every token the mask does not allow."""
-    np.copyto(np.ctypeslib.as_array(logits, shape=(size,)), np.float32(-np.inf), where=~allowed)

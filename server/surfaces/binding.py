@@ -58,7 +58,15 @@ class BindingRoutes:
         self._gateway_noted = False
 
     def routes(self) -> list[Route]:
-        return [Route(path, self.run, methods=["POST"]) for path in RUN_PATHS]
+        return [
+            *(Route(path, self.run, methods=["POST"]) for path in RUN_PATHS),
+            # Miniflare's requests carry MF-URL and are unwrapped before they get here (MiniflareProxy).
+            Route("/", self.not_forwarded, methods=["POST"]),
+        ]
+
+    async def not_forwarded(self, request: Request) -> Response:
+        message = f"POST / takes the AI binding's requests as Miniflare forwards them, with {PROXY_URL_HEADER}"
+        return ApiError(400, NO_SUCH_MODEL, message).response()
 
     async def run(self, request: Request) -> Response:
         try:
@@ -88,7 +96,8 @@ class BindingRoutes:
     def _unwrap(body: object) -> tuple[object, dict[str, Any]]:
         if not isinstance(body, dict) or "inputs" not in body:
             raise bad_input('Error: the AI binding\'s body is {"inputs": {...}, "options": {...}}')
-        options = body.get("options") or {}
+        options = body.get("options")
+        options = {} if options is None else options
         if not isinstance(options, dict):
             raise bad_input("Error: '/options' must be an object")
         return body["inputs"], options
@@ -118,7 +127,9 @@ class MiniflareProxy:
             await ApiError(501, NOT_IMPLEMENTED, message).response()(scope, receive, send)
             return
         inner = headers.get(PROXY_URL_HEADER)
-        if inner is None:
+        # Only the binding's own calls are unwrapped (POST a run, GET the models): any other method is the
+        # outer route's to answer, so that its 405 names the methods of the path the client addressed.
+        if inner is None or scope["method"] != ("GET" if urlsplit(inner).path == MODELS_PATH else "POST"):
             await self.app(scope, receive, send)
             return
         path = scope["path"]

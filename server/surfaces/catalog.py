@@ -71,10 +71,11 @@ class ModelCatalog:
             and (not task or task == m.task.lower())
         ]
         try:
-            page = max(1, int(query.get("page", "1")))
-            per_page = max(1, min(100, int(query.get("per_page", "50"))))
+            page, per_page = int(query.get("page", "1")), int(query.get("per_page", "50"))
         except ValueError as exc:
             raise bad_input("Error: page and per_page must be integers") from exc
+        if page < 1 or not 1 <= per_page <= 100:
+            raise bad_input("Error: page must be >= 1 and per_page between 1 and 100")
         shown = found[(page - 1) * per_page : page * per_page]
         return JSONResponse(
             {

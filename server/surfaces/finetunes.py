@@ -36,13 +36,7 @@ class FinetuneRoutes:
         ]
 
     async def create(self, request: Request) -> Response:
-        body = await read_json(request, self.max_body)
-        if (
-            not isinstance(body, dict)
-            or not isinstance(body.get("model"), str)
-            or not isinstance(body.get("name"), str)
-        ):
-            raise bad_input("Error: required properties at '/' are 'model', 'name'")
+        body = self.contract.check(await read_json(request, self.max_body))
         try:
             finetune = self.store.create(body["model"], body["name"], str(body.get("description", "")))
         except AdapterError as exc:

@@ -46,6 +46,17 @@ def _value(body: dict[str, Any], name: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _integer(body: dict[str, Any], name: str) -> int | None:
+    # JSON Schema counts 690.0 as an integer; the sampler needs an int.
+    value = body.get(name)
+    return None if value is None else int(value)
+
+
+def _number(body: dict[str, Any], name: str) -> float | None:
+    value = body.get(name)
+    return None if value is None else float(value)
+
+
 def _text(content: Any) -> str:
     if content is None:
         return ""
@@ -149,12 +160,12 @@ class OpenAIRoutes:
             max_tokens=int(_value(body, "max_completion_tokens", _value(body, "max_tokens", DEFAULT_MAX_TOKENS))),
             sampling=SamplingParams(
                 temperature=float(_value(body, "temperature", DEFAULT_TEMPERATURE)),
-                top_p=_value(body, "top_p"),
-                top_k=_value(body, "top_k"),
-                seed=_value(body, "seed"),
-                repetition_penalty=_value(body, "repetition_penalty"),
-                frequency_penalty=_value(body, "frequency_penalty"),
-                presence_penalty=_value(body, "presence_penalty"),
+                top_p=_number(body, "top_p"),
+                top_k=_integer(body, "top_k"),
+                seed=_integer(body, "seed"),
+                repetition_penalty=_number(body, "repetition_penalty"),
+                frequency_penalty=_number(body, "frequency_penalty"),
+                presence_penalty=_number(body, "presence_penalty"),
             ),
             tools=[t["function"] for t in _value(body, "tools", [])] or None,
             lora=_value(body, "lora"),

@@ -37,7 +37,9 @@ class OperationsRoutes:
             "slots": engine.slots,
             "slots_busy": engine.busy_slots,
             "queue_depth": engine.queue_depth,
-            "context_per_slot": engine.context_per_slot,
+            "context_window": engine.context_window,
+            "kv_size": engine.kv_size,
+            "kv_reserved": engine.kv_reserved,
             "prefill_block": engine.prefill_block,
         }
         if engine.error:

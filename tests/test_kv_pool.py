@@ -1,0 +1,141 @@
+"""One KV pool for every request, memory that is told, and every repeated prompt served from the cache."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from conftest import ServerProcess, run_url
+from test_contract import assert_error, assert_ok
+from test_generation import COUNTING
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """Four requests at once over a 4096-token pool: the former layout gave each slot 1024 tokens."""
+    log = tmp_path_factory.mktemp("pool") / "server.log"
+    proc = ServerProcess(log, "--parallel", "4", "--kv-size", "4096", "--ctx-size", "4096")
+    try:
+        yield proc.wait_ready()
+    finally:
+        proc.stop()
+
+
+def long_prompt(tokens_wanted: int, tag: str) -> str:
+    return f"{tag}: " + " ".join(f"word{i % 97}" for i in range(tokens_wanted // 3))
+
+
+def test_one_request_may_use_more_than_a_slots_former_share(pool):
+    health = httpx.get(pool.url + "/health").json()
+    assert (health["kv_size"], health["context_window"], health["slots"]) == (4096, 4096, 4)
+    body = {"prompt": long_prompt(2400, "one"), "raw": True, "max_tokens": 8, "temperature": 0}
+    result = assert_ok(httpx.post(pool.url + run_url(), json=body, timeout=120))
+    assert result["usage"]["prompt_tokens"] > 4096 // 4  # more than the 1024 tokens a slot used to hold
+
+
+def test_a_request_that_fits_the_pool_but_not_its_free_part_waits(pool):
+    # Two requests of ~2400 prompt tokens and 800 to generate cannot be in the 4096-token pool together: the second
+    # waits for the first and then runs; neither fails.
+    bodies = [
+        {"prompt": long_prompt(2400, tag), "raw": True, "max_tokens": 800, "temperature": 0} for tag in ("a", "b")
+    ]
+    with ThreadPoolExecutor(2) as run:
+        started = time.monotonic()
+        futures = [run.submit(httpx.post, pool.url + run_url(), json=body, timeout=300) for body in bodies]
+        time.sleep(1.0)
+        health = httpx.get(pool.url + "/health").json()
+        assert health["slots_busy"] == 1 and health["queue_depth"] == 1, health
+        assert health["kv_reserved"] <= health["kv_size"]
+        results = [assert_ok(future.result()) for future in futures]
+    assert all(r["usage"]["prompt_tokens"] > 1024 for r in results), results
+    assert time.monotonic() - started < 300
+
+
+def test_conversations_taking_turns_keep_their_own_prefixes(pool):
+    # Four conversations, no session header, one request at a time: each one's second turn finds its first turn's
+    # prompt still cached, because a newcomer takes an empty or least recently used slot, not another's.
+    tags = ("north", "south", "east", "west")
+    prompts = {tag: long_prompt(300, tag) for tag in tags}
+    for tag in tags:
+        assert_ok(httpx.post(pool.url + run_url(), json={"prompt": prompts[tag], "raw": True, "max_tokens": 1}))
+    for tag in tags:
+        body = {"prompt": prompts[tag] + " and more", "raw": True, "max_tokens": 1}
+        usage = assert_ok(httpx.post(pool.url + run_url(), json=body, timeout=60))["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] >= 256, (tag, usage)
+
+
+def test_a_request_that_could_never_fit_is_refused_with_the_numbers(pool):
+    body = {"prompt": long_prompt(6000, "huge"), "raw": True}
+    message = assert_error(httpx.post(pool.url + run_url(), json=body, timeout=60), 400, 5006, "context window")
+    assert re.search(r"the prompt is \d+ tokens, but the context window holds 4096", message), message
+
+
+def test_startup_tells_the_memory_plan(pool):
+    line = next(line for line in pool.log().splitlines() if "memory:" in line)
+    assert re.search(r"weights \d+ MiB \+ KV cache \d+ MiB \(4096 tokens at [\d.]+ KiB\)", line), line
+    assert "compute buffers" in line and "MiB available" in line and "llama.cpp allocated" in line
+
+
+def test_a_layout_that_cannot_fit_is_refused_at_startup(tmp_path):
+    proc = ServerProcess(tmp_path / "huge.log", "--kv-size", str(64 * 1024 * 1024))
+    assert proc.process.wait(timeout=120) == 1
+    proc.stop()
+    log = proc.log()
+    assert "does not fit in memory" in log and "MiB available" in log and "lower --kv-size" in log
+
+
+def test_a_quantized_cache_takes_less_memory(tmp_path):
+    sizes = {}
+    for cache_type in ("f16", "q8_0"):
+        proc = ServerProcess(tmp_path / f"{cache_type}.log", "--kv-size", "2048", "--cache-type", cache_type)
+        try:
+            proc.wait_ready()
+            answer = assert_ok(httpx.post(proc.url + run_url(), json={"prompt": "Say hi.", "max_tokens": 4}))
+            assert answer["usage"]["completion_tokens"] >= 1
+            line = next(line for line in proc.log().splitlines() if "memory:" in line)
+            sizes[cache_type] = int(re.search(r"KV cache (\d+) MiB", line)[1])
+        finally:
+            proc.stop()
+    assert sizes["q8_0"] * 1.8 < sizes["f16"], sizes
+
+
+# -- every repeat from the cache ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pool_client(pool: ServerProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=pool.url, timeout=120) as http:
+        yield http
+
+
+def test_an_exact_repeat_of_a_short_prompt_computes_nothing_and_answers_the_same(pool_client):
+    client = pool_client  # the default pool layout: an exact repeat is served from the cache there too
+    messages = [{"role": "user", "content": "Name three colours, briefly."}]
+    body = {"messages": messages, "max_tokens": 24, "temperature": 0}
+    first = assert_ok(client.post(run_url(), json=body))
+    assert first["usage"]["prompt_tokens"] < 64  # shorter than one prompt block: reuse by blocks could not serve it
+    again = assert_ok(client.post(run_url(), json=body))
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == first["usage"]["prompt_tokens"]
+    assert again["response"] == first["response"]
+    with client.stream("POST", run_url(), json={**body, "stream": True}) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    streamed = "".join(event.get("response", "") for event in events)
+    assert streamed == first["response"]
+
+
+def test_a_repeat_with_sampling_is_the_same_as_a_cold_one(client, server, tmp_path):
+    # Seeded sampling from the kept logits draws exactly what a cold server draws.
+    body = {"prompt": COUNTING, "raw": True, "max_tokens": 16, "temperature": 1.1, "seed": 5}
+    assert_ok(client.post(run_url(), json=body))
+    warm = assert_ok(client.post(run_url(), json=body))
+    assert warm["usage"]["prompt_tokens_details"]["cached_tokens"] == warm["usage"]["prompt_tokens"]
+    cold = ServerProcess(tmp_path / "cold.log", "--ctx-size", "1024").wait_ready()
+    try:
+        assert assert_ok(httpx.post(cold.url + run_url(), json=body, timeout=60))["response"] == warm["response"]
+    finally:
+        cold.stop()
