@@ -106,7 +106,10 @@ def _with_model_enum(schema: dict[str, Any], models: list[str]) -> dict[str, Any
     return schema
 
 
-def _run_operation(summary: str, result: dict[str, Any], request: str, extra: dict[str, Any]) -> dict[str, Any]:
+def _streaming_post(
+    summary: str, request: str, answered: str, result: dict[str, Any], events: dict[str, Any], errors: dict[str, Any]
+) -> dict[str, Any]:
+    """A run: its JSON body, and a JSON answer or, with stream: true, Server-Sent Events."""
     return {
         "post": {
             "summary": summary,
@@ -116,39 +119,28 @@ def _run_operation(summary: str, result: dict[str, Any], request: str, extra: di
             },
             "responses": {
                 "200": {
-                    "description": "The result, or Server-Sent Events with stream: true",
-                    "content": {
-                        "application/json": {"schema": result},
-                        "text/event-stream": _events("#/components/schemas/RunEvent", "Workers AI's events"),
-                    },
+                    "description": answered,
+                    "content": {"application/json": {"schema": result}, "text/event-stream": events},
                 },
-                **_errors(RUN_ERRORS),
+                **errors,
             },
-            **extra,
         }
     }
+
+
+def _run_operation(summary: str, result: dict[str, Any], request: str, extra: dict[str, Any]) -> dict[str, Any]:
+    events = _events("#/components/schemas/RunEvent", "Workers AI's events")
+    answered = "The result, or Server-Sent Events with stream: true"
+    operation = _streaming_post(summary, request, answered, result, events, _errors(RUN_ERRORS))
+    operation["post"].update(extra)
+    return operation
 
 
 def _openai_operation(summary: str, request: str, answer: str, chunk: str) -> dict[str, Any]:
-    return {
-        "post": {
-            "summary": summary,
-            "requestBody": {
-                "required": True,
-                "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{request}"}}},
-            },
-            "responses": {
-                "200": {
-                    "description": f"A {answer}, or its chunks with stream: true",
-                    "content": {
-                        "application/json": {"schema": {"type": "object", "required": ["id", "choices", "usage"]}},
-                        "text/event-stream": _events(f"#/components/schemas/{chunk}", "OpenAI's chunks"),
-                    },
-                },
-                **_errors(RUN_ERRORS, OPENAI_ERROR),
-            },
-        }
-    }
+    result = {"type": "object", "required": ["id", "choices", "usage"]}
+    events = _events(f"#/components/schemas/{chunk}", "OpenAI's chunks")
+    answered = f"A {answer}, or its chunks with stream: true"
+    return _streaming_post(summary, request, answered, result, events, _errors(RUN_ERRORS, OPENAI_ERROR))
 
 
 def _get(

@@ -141,6 +141,16 @@ def metric(text: str, name: str, labels: str = "", absent: float | None = None) 
     return float(match.group(1))
 
 
+def wait_for(url: str, key: str, value: int, timeout: float = 10) -> None:
+    """Until /health's `key` reads `value`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if httpx.get(url + "/health").json()[key] == value:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{key} never reached {value}: {httpx.get(url + '/health').json()}")
+
+
 def wait_idle(client: httpx.Client, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

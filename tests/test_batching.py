@@ -8,7 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
-from conftest import TEST_CTX, ServerProcess, metric, run_url, wait_idle
+from conftest import TEST_CTX, ServerProcess, metric, run_url, wait_for, wait_idle
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
 
@@ -95,15 +95,6 @@ def test_session_affinity_keeps_a_conversation_on_its_slot(server, client):
     reusable = first["usage"]["prompt_tokens"] // block * block
     assert reusable >= block
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= reusable
-
-
-def wait_for(url: str, key: str, value: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/health").json()[key] == value:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{key} never reached {value}: {httpx.get(url + '/health').json()}")
 
 
 def long_stream(url: str, opened: threading.Event, stop: threading.Event) -> None:

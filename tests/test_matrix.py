@@ -10,7 +10,7 @@ import time
 
 import httpx
 import pytest
-from conftest import GUARD_TOKEN, ServerProcess, metric, wait_idle
+from conftest import GUARD_TOKEN, ServerProcess, metric, wait_for, wait_idle
 from surfaces import SURFACES, Surface
 from test_generation import COUNTING, STORY
 
@@ -182,15 +182,6 @@ def hold_a_slot(url: str, opened: threading.Event, stop: threading.Event) -> Non
         for _ in response.iter_bytes():
             if stop.is_set():
                 return
-
-
-def wait_for(url: str, key: str, value: int, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if httpx.get(url + "/health").json()[key] == value:
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"{key} never reached {value}: {httpx.get(url + '/health').json()}")
 
 
 @over()

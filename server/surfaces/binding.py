@@ -22,16 +22,15 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .. import sse
 from ..errors import NO_ROUTE, NO_SUCH_MODEL, ApiError, bad_input
-from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json
+from ..http_io import read_json
 from ..text_generation import TextGeneration
 from .catalog import BINDING_MODELS_PATH as MODELS_PATH
-from .workers_ai import whole_result, workers_ai_events
+from .workers_ai import answer_run
 
 log = logging.getLogger("server.binding")
 
@@ -83,14 +82,8 @@ class BindingRoutes:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model: the {MODEL_HEADER} header is missing")
         if options.get("gateway") is not None or request.url.path == "/ai-gateway/run":
             self._note_gateway()
-        run = self.generation.parse(model, inputs)
-        answer = await self.generation.start(run, session=request.headers.get(SESSION_HEADER))
-        request.state.generation = answer.generation
-        if run.stream:
-            return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        result = await whole_result(request, answer)
         # JSONResponse's content type is exactly `application/json`: with a charset, workerd streams the body.
-        return Response(status_code=CLIENT_CLOSED) if result is None else JSONResponse(result)
+        return await answer_run(self.generation, request, self.generation.parse(model, inputs), JSONResponse)
 
     @staticmethod
     def _unwrap(body: object) -> tuple[object, dict[str, Any]]:

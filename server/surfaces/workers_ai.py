@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import sse
+from ..contract import RunRequest
 from ..engine import GenerationFailed
 from ..errors import INTERNAL, success
 from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
@@ -54,12 +56,7 @@ class WorkersAIRoutes:
 
     async def run(self, request: Request) -> Response:
         run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
-        answer = await self.generation.start(run, session=request.headers.get(SESSION_HEADER))
-        request.state.generation = answer.generation
-        if run.stream:
-            return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
-        result = await whole_result(request, answer)
-        return Response(status_code=CLIENT_CLOSED) if result is None else success(result)
+        return await answer_run(self.generation, request, run, success)
 
     async def tokenize(self, request: Request) -> Response:
         """An extension for debugging prompts: the text and token ids a run body becomes, chat template, tools and
@@ -67,3 +64,16 @@ class WorkersAIRoutes:
         run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
         text, tokens = await self.generation.prompt(run)
         return success({"prompt": text, "tokens": tokens})
+
+
+async def answer_run(
+    generation: TextGeneration, request: Request, run: RunRequest, whole: Callable[[dict[str, Any]], Response]
+) -> Response:
+    """Start `run` and answer it as Workers AI does: its events when streamed, else the result as `whole` wraps it
+    (the REST API's envelope, the binding's bare result)."""
+    answer = await generation.start(run, session=request.headers.get(SESSION_HEADER))
+    request.state.generation = answer.generation
+    if run.stream:
+        return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
+    result = await whole_result(request, answer)
+    return Response(status_code=CLIENT_CLOSED) if result is None else whole(result)
