@@ -257,12 +257,15 @@ def main() -> None:
     cli.add_argument("--levels", default="1,4,8,16")
     cli.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     cli.add_argument("--tokens", type=int, default=128)
+    cli.add_argument("--without", action="append", default=[], help="leave out a contender, e.g. llama_cpp.server")
     args = cli.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
     model_path = ModelStore(CATALOG_PATH).source(args.model).fetch()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    servers = list(contenders(model_path, args.model, args.threads, args.slots, args.ctx))
+    servers = [
+        s for s in contenders(model_path, args.model, args.threads, args.slots, args.ctx) if s.name not in args.without
+    ]
     health = {"this server": "/health", "llama-server": "/health", "llama_cpp.server": "/v1/models"}
     try:
         for s in servers:
@@ -271,16 +274,31 @@ def main() -> None:
             s.wait_ready(health[s.name])
         for s in servers:  # warm-up, on a prompt no measured request uses
             run_level(s, 1, 1, 16, first=500_000)
-        table: dict[str, dict[int, dict]] = {s.name: {} for s in servers}
+        runs: dict[str, dict[int, list[dict]]] = {s.name: {} for s in servers}
         for i, level in enumerate(levels):
             order = servers[i % len(servers) :] + servers[: i % len(servers)]
             for s in order:
-                table[s.name][level] = run_level(s, level, args.requests, args.tokens)
-                print(f"{s.name:<17} c={level:<3} {table[s.name][level]}", file=sys.stderr)
+                # Prompts no earlier level used, the same for every server: a server's prompt cache (llama-server
+                # keeps prompts in RAM) must not turn a repeated level into a measure of caching.
+                run = run_level(s, level, args.requests, args.tokens, first=1 + 1_000_000 * i)
+                runs[s.name].setdefault(level, []).append(run)
+                print(f"{s.name:<17} c={level:<3} {run}", file=sys.stderr)
     finally:
         for s in servers:
             s.stop()
 
+    # A level listed several times (e.g. --levels 8,16,8,16) is reported by its median run, with the range.
+    table = {
+        name: {level: sorted(rows, key=lambda r: r["tokens_per_s"])[len(rows) // 2] for level, rows in levels_.items()}
+        for name, levels_ in runs.items()
+    }
+    spread = {
+        name: {
+            level: (min(r["tokens_per_s"] for r in rows), max(r["tokens_per_s"] for r in rows))
+            for level, rows in lv.items()
+        }
+        for name, lv in runs.items()
+    }
     header = (
         f"model {model_path.name}, {args.threads} threads, {args.slots} slots, {args.tokens} tokens per request, "
         f"{args.requests} requests per client"
@@ -288,20 +306,21 @@ def main() -> None:
     lines = [
         header,
         "",
-        "| server | clients | tokens/s | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | failed | truncated |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| server | clients | tokens/s median | range | TTFT p50 ms | TTFT p95 ms | ITL p50 ms | failed | truncated |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for name, rows in table.items():
         for level, row in rows.items():
             lines.append(
-                f"| {name} | {level} | {fmt(row['tokens_per_s'])} | {fmt(row['ttft_p50_ms'])} | "
+                f"| {name} | {level} | {fmt(row['tokens_per_s'])} | "
+                f"{fmt(spread[name][level][0])}-{fmt(spread[name][level][1])} | {fmt(row['ttft_p50_ms'])} | "
                 f"{fmt(row['ttft_p95_ms'])} | {fmt(row['itl_p50_ms'], 2)} | {row['failed']} | "
                 f"{row['truncated']}/{row['requests']} |"
             )
     markdown = "\n".join(lines)
     print(markdown)
     (RESULTS / "concurrency.md").write_text(markdown + "\n")
-    (RESULTS / "concurrency.json").write_text(json.dumps({"settings": vars(args), "results": table}, indent=2))
+    (RESULTS / "concurrency.json").write_text(json.dumps({"settings": vars(args), "results": runs}, indent=2))
 
     import matplotlib
 
