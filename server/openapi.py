@@ -128,11 +128,14 @@ def _streaming_post(
     }
 
 
-def _run_operation(summary: str, result: dict[str, Any], request: str, extra: dict[str, Any]) -> dict[str, Any]:
+def _run_operation(
+    summary: str, result: dict[str, Any], request: str, parameters: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     events = _events("#/components/schemas/RunEvent", "Workers AI's events")
     answered = "The result, or Server-Sent Events with stream: true"
     operation = _streaming_post(summary, request, answered, result, events, _errors(RUN_ERRORS))
-    operation["post"].update(extra)
+    if parameters:
+        operation["post"]["parameters"] = parameters
     return operation
 
 
@@ -144,9 +147,17 @@ def _openai_operation(summary: str, request: str, answer: str, chunk: str) -> di
 
 
 def _get(
-    summary: str, result: dict[str, Any], errors: tuple[int, ...] = READ_ERRORS, body: dict[str, Any] = ENVELOPE
+    summary: str,
+    result: dict[str, Any],
+    errors: tuple[int, ...] = READ_ERRORS,
+    body: dict[str, Any] = ENVELOPE,
+    parameters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    return {"get": {"summary": summary, "responses": {"200": _json(result, summary), **_errors(errors, body)}}}
+    operation: dict[str, Any] = {"summary": summary}
+    if parameters:
+        operation["parameters"] = parameters
+    operation["responses"] = {"200": _json(result, summary), **_errors(errors, body)}
+    return {"get": operation}
 
 
 def build(store: ModelStore) -> dict[str, Any]:
@@ -175,13 +186,12 @@ def build(store: ModelStore) -> dict[str, Any]:
         "The Worker binding's request (env.AI.run): the bare result, or Workers AI's events",
         {"$ref": "#/components/schemas/RunResult"},
         "BindingRun",
-        {"parameters": binding_headers},
+        binding_headers,
     )
     run = _run_operation(
         "Run a text-generation model (Workers AI)",
         _envelope({"$ref": "#/components/schemas/RunResult"}),
         "RunInput",
-        {},
     )
     tokenize = {
         "post": {
@@ -216,14 +226,16 @@ def build(store: ModelStore) -> dict[str, Any]:
             "schema": {"type": "integer", "minimum": 1, "maximum": 100},
         },
     ]
-    search = _get("Search the served models", {"type": "object", "required": ["result", "result_info"]})
-    search["get"]["parameters"] = search_parameters
-    binding_models = _get("The served models, as a Worker's env.AI.models() asks", {"type": "object"})
-    binding_models["get"]["parameters"] = search_parameters
-    schema_of = _get("A model's input and output JSON Schemas", _envelope({"type": "object"}))
-    schema_of["get"]["parameters"] = [
-        {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "enum": models}}
-    ]
+    search = _get(
+        "Search the served models",
+        {"type": "object", "required": ["result", "result_info"]},
+        parameters=search_parameters,
+    )
+    binding_models = _get(
+        "The served models, as a Worker's env.AI.models() asks", {"type": "object"}, parameters=search_parameters
+    )
+    model_query = {"name": "model", "in": "query", "required": True, "schema": {"type": "string", "enum": models}}
+    schema_of = _get("A model's input and output JSON Schemas", _envelope({"type": "object"}), parameters=[model_query])
     finetune_result = _envelope({"type": "object"})
     paths: dict[str, Any] = {
         "/client/v4/accounts/{account_id}/ai/run/{model}": run,

@@ -117,16 +117,22 @@ def shortest_bytes(
     return None
 
 
+def _after_byte(b: int, in_string: bool, escaped: bool) -> tuple[bool, bool]:
+    """Whether we are inside a JSON string, and just after a backslash in it, once byte `b` is read."""
+    if not in_string:
+        return b == QUOTE, False
+    if escaped:
+        return True, False
+    return b != QUOTE, b == BACKSLASH
+
+
 def _within_lexeme(forced: bytes, in_string: bool, escaped: bool) -> bytes:
     """The part of forced bytes that belongs to the lexeme under way: up to a string's closing quote, or up to a
     separator or closer after a number or literal. (The grammar may force far beyond, through the next key.)"""
     for i, b in enumerate(forced):
         if in_string:
-            if escaped:
-                escaped = False
-            elif b == BACKSLASH:
-                escaped = True
-            elif b == QUOTE:
+            in_string, escaped = _after_byte(b, in_string, escaped)
+            if not in_string:
                 return forced[: i + 1]
         elif b in (COMMA, CLOSE_OBJECT, CLOSE_ARRAY):
             return forced[: max(i, 1)]
@@ -136,15 +142,7 @@ def _within_lexeme(forced: bytes, in_string: bool, escaped: bool) -> bytes:
 def _scan_string(data: bytes, in_string: bool, escaped: bool) -> tuple[bool, bool]:
     """Whether we are inside a JSON string (and just after a backslash) once `data` is read."""
     for b in data:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif b == BACKSLASH:
-                escaped = True
-            elif b == QUOTE:
-                in_string = False
-        elif b == QUOTE:
-            in_string = True
+        in_string, escaped = _after_byte(b, in_string, escaped)
     return in_string, escaped
 
 

@@ -124,6 +124,11 @@ class _Job:
     generation: Generation
     grammar: str | None = None  # llguidance's compiled form of request.grammar
 
+    @property
+    def cells(self) -> int:
+        """KV cells the request may come to hold: its prompt and every token it may generate."""
+        return len(self.tokens) + self.generation.max_tokens
+
 
 @dataclass(frozen=True)
 class _Prepared:
@@ -159,9 +164,15 @@ class Slot:
     def reserved(self) -> int:
         """KV cells this slot may come to hold: a running request's prompt and every token it may generate; an
         idle slot's cache (which can be evicted)."""
-        if self.job is None:
-            return len(self.cached)
-        return len(self.job.tokens) + self.job.generation.max_tokens
+        return len(self.cached) if self.job is None else self.job.cells
+
+    def keep(self, model: LlamaModel, n: int) -> None:
+        """Keep the first `n` cached tokens and drop the rest from the cache, and the prompt's logits with them
+        unless the whole prompt is kept."""
+        model.forget(self.seq_id, n)
+        del self.cached[n:]
+        if n < self.prompt_length:
+            self.prompt_logits = None
 
     def repeats(self, tokens: Sequence[int]) -> bool:
         """Whether `tokens` is exactly the prompt whose logits this slot kept."""
@@ -425,8 +436,8 @@ class Engine:
         assert self.model is not None
         if not self.model.shared_pool:
             return True  # each slot has its own stream, as long as any request may be
-        need = len(job.tokens) + job.generation.max_tokens
-        running = sum(slot.reserved for slot in slots if slot.job is not None)
+        need = job.cells
+        running = self.kv_reserved
         if running + need > self.model.kv_size:
             return False
         idle = sorted((s for s in slots if s.job is None and s is not chosen and s.cached), key=lambda s: s.last_used)
@@ -434,9 +445,7 @@ class Engine:
         while idle and running + need + held > self.model.kv_size:
             evicted = idle.pop(0)
             held -= len(evicted.cached)
-            self.model.forget(evicted.seq_id)
-            evicted.cached.clear()
-            evicted.prompt_logits = None
+            evicted.keep(self.model, 0)
         return True
 
     def _pick_slot(self, free: list[Slot], job: _Job) -> Slot:
@@ -465,14 +474,12 @@ class Engine:
     def _assign(self, slot: Slot, job: _Job) -> None:
         assert self.model is not None
         reuse = self._reusable(slot, job)
-        self.model.forget(slot.seq_id, reuse)
-        del slot.cached[reuse:]
-        if reuse < slot.prompt_length:
-            slot.prompt_logits = None
+        slot.keep(self.model, reuse)
         slot.pending = job.tokens[reuse:]
         slot.job = job
         constraint = None
-        if job.request.grammar is not None and job.grammar is not None and self.vocabulary is not None:
+        if job.grammar is not None:  # compiled by _prepare, from request.grammar with the vocabulary
+            assert job.request.grammar is not None and self.vocabulary is not None
             constraint = Constraint(self.vocabulary, job.grammar, job.request.grammar, self.model)
         slot.sampler = Sampler(self.model, job.request.sampling, constraint)
         slot.n_generated = 0
@@ -623,8 +630,6 @@ class Engine:
             slot.sampler.close()
         if isinstance(outcome, Failed):
             # What the failed decode left in the cache is unknown; start this slot afresh.
-            self.model.forget(slot.seq_id)
-            slot.cached.clear()
-            slot.prompt_logits = None
+            slot.keep(self.model, 0)
         slot.job, slot.sampler, slot.text = None, None, None
         slot.pending = []

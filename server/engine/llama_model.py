@@ -207,7 +207,7 @@ class LlamaModel:
         # llama.cpp keeps logits for a whole batch and activations for a batch of n_embd-wide rows.
         compute = settings.n_batch * (self.n_vocab * 4 + n_embd * 4 * 16)
         available = available_memory()
-        if settings.kv_layout == "slots":
+        if not self.shared_pool:
             window = settings.n_ctx or min(self.n_ctx_train, SLOT_WINDOW_CAP)
             return MemoryPlan(weights, window * settings.n_seq, bytes_per_token, compute, available)
         kv_tokens = settings.kv_size
@@ -250,20 +250,24 @@ class LlamaModel:
         # A template or raw prompt that already spells out the BOS text gets it parsed as BOS; asking llama.cpp to
         # add its own as well would give two (which measurably degrades Llama 3 output, and llama.cpp warns).
         add_special = not (self.adds_bos and text.startswith(self.bos_text))
-        capacity = len(data) + 2
-        tokens = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
-        if n < 0:
-            capacity = -n
-            tokens = (llama.llama_token * capacity)()
-            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, True)
-        return list(tokens[:n])
+        return self._tokenize(data, add_special, parse_special=True)
 
     def tokenize_text(self, data: bytes) -> list[int]:
         """Tokens of plain text: no BOS, and special-token names read as text."""
-        capacity = len(data) + 8
+        return self._tokenize(data, add_special=False, parse_special=False)
+
+    def tokenize_special(self, text: str) -> list[int]:
+        """Tokens of `text` with special-token names parsed, no BOS."""
+        return self._tokenize(text.encode(), add_special=False, parse_special=True)
+
+    def _tokenize(self, data: bytes, add_special: bool, parse_special: bool) -> list[int]:
+        capacity = len(data) + 2
         tokens = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, False, False)
+        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
+        if n < 0:  # too small: llama.cpp says how many it needs
+            capacity = -n
+            tokens = (llama.llama_token * capacity)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:n])
 
     def token_bytes(self, token: int) -> bytes:
@@ -279,13 +283,6 @@ class LlamaModel:
         """Whether the vocabulary has a control token spelled `name` (e.g. <|python_tag|>)."""
         tokens = self.tokenize_special(name)
         return len(tokens) == 1 and self.is_control(tokens[0])
-
-    def tokenize_special(self, text: str) -> list[int]:
-        data = text.encode()
-        capacity = len(data) + 8
-        tokens = (llama.llama_token * capacity)()
-        n = llama.llama_tokenize(self.vocab, data, len(data), tokens, capacity, False, True)
-        return list(tokens[: max(n, 0)])
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for; control tokens (EOS, headers) render as nothing."""

@@ -192,10 +192,6 @@ class Constraint:
             self._accept(t)
         return Step(ending, ended=True)
 
-    def accept_all(self, tokens: list[int]) -> None:
-        for t in tokens:
-            self._accept(t)
-
     # -- internals -------------------------------------------------------------------------------------------
 
     def _accept(self, token: int) -> None:

@@ -120,14 +120,14 @@ class MiniflareProxy:
             await ApiError(501, NOT_IMPLEMENTED, message).response()(scope, receive, send)
             return
         inner = headers.get(PROXY_URL_HEADER)
+        url = urlsplit(inner) if inner is not None else None
         # Only the binding's own calls are unwrapped (POST a run, GET the models): any other method is the
         # outer route's to answer, so that its 405 names the methods of the path the client addressed.
-        if inner is None or scope["method"] != ("GET" if urlsplit(inner).path == MODELS_PATH else "POST"):
+        if url is None or scope["method"] != ("GET" if url.path == MODELS_PATH else "POST"):
             await self.app(scope, receive, send)
             return
         path = scope["path"]
         token = unquote(path[len(TOKEN_PREFIX) :]) if path.startswith(TOKEN_PREFIX) else None
-        url = urlsplit(inner)
         if (path != "/" and token is None) or url.path not in (*RUN_PATHS, MODELS_PATH):
             message = f"Could not route to {url.path}: the AI binding calls {', '.join(RUN_PATHS)} or {MODELS_PATH}"
             await ApiError(404, NO_ROUTE, message).response()(scope, receive, send)
