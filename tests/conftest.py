@@ -67,6 +67,17 @@ class ServerProcess:
             self._log.flush()
         return self.log_path.read_text()
 
+    def __enter__(self) -> ServerProcess:
+        """The server once ready; stopped when the block ends, or at once if it never becomes ready."""
+        try:
+            return self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -90,10 +101,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, lora_dir: Path) -> Iterator
     # adapter of zeros against none, a reused prefix against a cold one), which only that layout promises. The
     # default pool layout has its own tests (test_kv_pool.py) and serves the other fixtures' servers.
     proc = ServerProcess(log, "--kv-layout", "slots", "--ctx-size", str(TEST_CTX), "--lora-dir", str(lora_dir))
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -105,10 +114,8 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         folder / "server.log", "--api-token", GUARD_TOKEN, "--api-token-file", str(folder / "tokens"),
         "--max-body-bytes", str(GUARD_BODY_LIMIT), "--ctx-size", "512", "--parallel", "1",
     )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")
@@ -116,10 +123,8 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """One slot and room for one waiting request: the third concurrent request is refused."""
     log = tmp_path_factory.mktemp("tight") / "server.log"
     proc = ServerProcess(log, "--parallel", "1", "--max-queue", "1", "--ctx-size", "1024")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 @pytest.fixture(scope="session")

@@ -20,10 +20,8 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Four requests at once over a 4096-token pool: the former layout gave each slot 1024 tokens."""
     log = tmp_path_factory.mktemp("pool") / "server.log"
     proc = ServerProcess(log, "--parallel", "4", "--kv-size", "4096", "--ctx-size", "4096")
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 def long_prompt(tokens_wanted: int, tag: str) -> str:

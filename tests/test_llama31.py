@@ -38,10 +38,8 @@ def start(folder: Path, model: Path, *args: str) -> ServerProcess:
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     proc = start(tmp_path_factory.mktemp("llama31"), tiny(STANDIN_CACHE))
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
@@ -162,10 +160,8 @@ def scripted_llama(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S
     model = scripted(STANDIN_CACHE)
     scripts = {script.target_text: script for script in load_manifest(model)}
     proc = start(tmp_path_factory.mktemp("scripted"), model)
-    try:
-        yield proc.wait_ready(), scripts
-    finally:
-        proc.stop()
+    with proc:
+        yield proc, scripts
 
 
 @pytest.mark.parametrize(
@@ -231,10 +227,8 @@ def native_answer(request, tmp_path_factory) -> Iterator[tuple[ServerProcess, li
     # Spelled as llama.cpp tokenizes it: the tool grammar's forced tokens are those, so the answer stays scripted.
     model = scripted(STANDIN_CACHE, [("\n\n", text, end)], spelling="canonical")
     proc = start(tmp_path_factory.mktemp("native"), model)
-    try:
-        yield proc.wait_ready(), calls
-    finally:
-        proc.stop()
+    with proc:
+        yield proc, calls
 
 
 def test_native_tool_calls_become_tool_calls_on_every_surface(native_answer):

@@ -41,10 +41,8 @@ def contract_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server
         folder / "server.log", "--model", str(tiny(STANDIN_CACHE)), "--ctx-size", "128", "--kv-size", "1024",
         "--lora-dir", str(folder / "lora"), "--max-body-bytes", "262144",
     )  # fmt: skip
-    try:
-        yield proc.wait_ready()
-    finally:
-        proc.stop()
+    with proc:
+        yield proc
 
 
 def test_schemathesis_finds_the_served_api_true_to_its_document(contract_server, tmp_path):
