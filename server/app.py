@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -20,7 +20,7 @@ from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, is_openai_path, load_tokens
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
-from .engine import Engine
+from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
 from .metrics import ServerMetrics
 from .model_store import ModelStore
@@ -79,6 +79,28 @@ def base_shape(engine: Engine) -> BaseShape | None:
     return BaseShape(int(heads), int(kv_heads))
 
 
+def create_engine(settings: Settings, fetch: Callable[[], Path], on_failure: Callable[[str], None]) -> Engine:
+    """The engine the settings describe; it fetches and loads its model once started (by the app's lifespan)."""
+    return Engine(
+        fetch,
+        ContextSettings(
+            n_ctx=settings.ctx_size,
+            kv_size=settings.kv_size,
+            cache_type=settings.cache_type,
+            kv_layout=settings.kv_layout,
+            n_batch=settings.batch_size,
+            n_seq=settings.parallel,
+            n_threads=settings.effective_threads,
+            n_gpu_layers=settings.gpu_layers,
+        ),
+        max_queue=settings.max_queue,
+        on_failure=on_failure,
+        chat_date=settings.chat_date,
+        max_stall_ms=settings.max_stall_ms,
+        prefill_block=settings.prefill_block,
+    )
+
+
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
@@ -101,7 +123,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         finally:
             engine.stop()
 
-    return Starlette(
+    app = Starlette(
         routes=[route for surface in surfaces for route in surface.routes()],
         # Outermost first: a Miniflare-forwarded request is unwrapped before it is logged, counted or authorized.
         middleware=[
@@ -112,3 +134,5 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
     )
+    app.state.metrics = metrics  # read by a Ray Serve replica, which reports it for the whole cluster's /metrics
+    return app

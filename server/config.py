@@ -190,3 +190,76 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
     env = os.environ if environ is None else environ
     args = parser(env).parse_args(argv)
     return Settings(**vars(args))
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """`python -m server.ray_serve`'s own settings: how many engine replicas Ray Serve runs and how it routes to
+    them. Every other flag is the server's (Settings), given to each replica."""
+
+    replicas: int = 1
+    ray_address: str = ""
+    min_replicas: int = 0
+    max_replicas: int = 0
+    target_ongoing: float = 2.0
+    gpus_per_replica: float = 0.0
+    health_period_s: float = 2.0
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas > 0
+
+
+CLUSTER_OPTIONS: dict[str, Option] = {
+    "replicas": Option("--replicas", "WAI_RAY_REPLICAS", "engine replicas, each with its own model and KV cache"),
+    "ray_address": Option(
+        "--address",
+        "RAY_ADDRESS",
+        "join this Ray cluster (HOST:PORT of `ray start --head`); empty = start a throwaway one on 127.0.0.1",
+    ),
+    "min_replicas": Option("--min-replicas", "WAI_RAY_MIN_REPLICAS", "autoscaling: fewest replicas"),
+    "max_replicas": Option(
+        "--max-replicas", "WAI_RAY_MAX_REPLICAS", "autoscaling: most replicas; 0 = no autoscaling (--replicas fixed)"
+    ),
+    "target_ongoing": Option(
+        "--target-ongoing",
+        "WAI_RAY_TARGET_ONGOING",
+        "autoscaling: requests in progress per replica that Serve scales towards",
+    ),
+    "gpus_per_replica": Option(
+        "--gpus-per-replica", "WAI_RAY_GPUS_PER_REPLICA", "GPUs Ray reserves for each replica (one per GPU: 1)"
+    ),
+    "health_period_s": Option(
+        "--health-period", "WAI_RAY_HEALTH_PERIOD", "seconds between Serve's health checks of each replica"
+    ),
+}
+
+
+def load_cluster_settings(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> tuple[ClusterSettings, Settings, list[str]]:
+    """The cluster's settings, the replicas' server settings, and the server flags as given (passed on to each
+    replica, which reads them with load_settings there)."""
+    env = os.environ if environ is None else environ
+    defaults = ClusterSettings()
+    cli = argparse.ArgumentParser(
+        prog="python -m server.ray_serve",
+        description="Serve the same API through Ray Serve, on several engine replicas. Every flag of "
+        "`python -m server` is taken too and applies to each replica; --host and --port are the Serve proxy's.",
+        add_help=False,
+    )
+    for field in fields(ClusterSettings):
+        option = CLUSTER_OPTIONS[field.name]
+        kind = type(getattr(defaults, field.name))
+        default = kind(env[option.env]) if option.env in env else getattr(defaults, field.name)
+        cli.add_argument(option.flag, dest=field.name, type=kind, default=default,
+                         help=f"{option.help} [env {option.env}; default: %(default)s]")  # fmt: skip
+    ours, server_argv = cli.parse_known_args(argv)
+    if "-h" in server_argv or "--help" in server_argv:
+        cli.print_help()
+        print()
+        parser(env).parse_args(["--help"])  # the server's flags, then exits
+    cluster = ClusterSettings(**vars(ours))
+    if cluster.replicas < 1 or (cluster.autoscaling and not 0 <= cluster.min_replicas <= cluster.max_replicas):
+        raise SystemExit("--replicas must be at least 1, and --min-replicas at most --max-replicas")
+    return cluster, load_settings(server_argv, env), server_argv

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -33,20 +34,22 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m server` in a child process, its log captured to a file."""
+    """`python -m server` (or another entry point, such as server.ray_serve) in a child process of its own process
+    group, its log captured to a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, module: str = "server") -> None:
         self.port = free_port()
         self.max_body_bytes = int(args[args.index("--max-body-bytes") + 1]) if "--max-body-bytes" in args else 4 << 20
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "server", "--port", str(self.port), *args],
+            [sys.executable, "-m", module, "--port", str(self.port), *args],
             cwd=PROJECT_ROOT,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
         )
 
     def wait_ready(self, timeout: float = 120.0) -> ServerProcess:
@@ -86,6 +89,10 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever it started and left behind (Ray's processes)
+        except ProcessLookupError:
+            pass
         self._log.close()
 
 

@@ -15,6 +15,23 @@ from ..metrics import ServerMetrics
 PLAYGROUND = Path(__file__).resolve().parent.parent / "playground.html"
 
 
+def health_report(engine: Engine) -> dict[str, object]:
+    """What /health says of one engine (a Ray Serve cluster's /health gives one of these per replica)."""
+    body: dict[str, object] = {
+        "status": engine.state.value,
+        "slots": engine.slots,
+        "slots_busy": engine.busy_slots,
+        "queue_depth": engine.queue_depth,
+        "context_window": engine.context_window,
+        "kv_size": engine.kv_size,
+        "kv_reserved": engine.kv_reserved,
+        "prefill_block": engine.prefill_block,
+    }
+    if engine.error:
+        body["error"] = engine.error
+    return body
+
+
 class OperationsRoutes:
     def __init__(self, engine: Engine, metrics: ServerMetrics, openapi_document: dict[str, Any]) -> None:
         self.engine = engine
@@ -31,20 +48,8 @@ class OperationsRoutes:
         ]
 
     async def health(self, _request: Request) -> Response:
-        engine = self.engine
-        body: dict[str, object] = {
-            "status": engine.state.value,
-            "slots": engine.slots,
-            "slots_busy": engine.busy_slots,
-            "queue_depth": engine.queue_depth,
-            "context_window": engine.context_window,
-            "kv_size": engine.kv_size,
-            "kv_reserved": engine.kv_reserved,
-            "prefill_block": engine.prefill_block,
-        }
-        if engine.error:
-            body["error"] = engine.error
-        return JSONResponse(body, status_code=200 if engine.state is EngineState.READY else 503)
+        ready = self.engine.state is EngineState.READY
+        return JSONResponse(health_report(self.engine), status_code=200 if ready else 503)
 
     async def metrics_text(self, _request: Request) -> Response:
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
