@@ -52,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,
+        # No route speaks websocket: an upgrade request (Miniflare's RPC probe) is answered as plain HTTP, the 501
+        # in binding.py, even where a websocket library is installed (Ray's extra brings one).
+        ws="none",
     )
     logging.getLogger("uvicorn.error").addFilter(UpgradeProbeFilter())
     server = uvicorn.Server(config)

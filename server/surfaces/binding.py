@@ -161,7 +161,7 @@ def _marked(send: Send) -> Send:
 
 
 class UpgradeProbeFilter(logging.Filter):
-    """Miniflare 4 opens that websocket once per Worker request; uvicorn, which has no websocket library here,
+    """Miniflare 4 opens that websocket once per Worker request; uvicorn, told to serve no websockets (`ws="none"`),
     would warn twice each time before handing the request on (to the 501 above)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
