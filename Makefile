@@ -81,6 +81,7 @@ bench: $(VENV)/.installed-bench
 	$(BIN)/python bench/single_stream.py
 	bash bench/build_llama_server.sh
 	$(BIN)/python bench/concurrency.py
+	$(BIN)/python bench/ray_serve.py
 
 # Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
 cuda: $(VENV)/.installed
