@@ -15,7 +15,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .llama_model import LlamaModel
-from .structured import Constraint, Step
+from .structured import Constraint, Step, TokenMask
 
 # llama.cpp treats this seed value as "pick one at random".
 _RANDOM_SEED = 0xFFFFFFFF
@@ -75,6 +75,11 @@ class Sampler:
         # Penalties remember the tokens accepted: under a grammar, a draw the grammar rejects must not count.
         self.remembers = (repeat is not None and repeat != 1.0) or bool(freq) or bool(present)
         self._candidates: np.ndarray | None = None
+        # Under a grammar, drawing from the allowed tokens alone picks what drawing from the masked vocabulary
+        # would (refused tokens weigh nothing and do not move the maximum), unless a sampler sorts: top-k and
+        # top-p could order equal logits differently.
+        sorts = params.top_k is not None or (params.top_p is not None and params.top_p < 1.0)
+        self._draws_from_allowed = params.greedy or not sorts
         self._rejections = 0  # in a row
         self._masked_steps = 0  # steps left with the mask first
         if self.remembers:
@@ -131,25 +136,28 @@ class Sampler:
             return Step([token])
         return self.constraint.take(token, tokens_left)
 
-    def _draw(self, model: LlamaModel, logits: int | np.ndarray, allowed: np.ndarray | None = None) -> int:
+    def _draw(self, model: LlamaModel, logits: int | np.ndarray, allowed: TokenMask | None = None) -> int:
         row = model.logits(logits) if isinstance(logits, int) else logits
-        if allowed is not None:
-            np.copyto(row, np.float32(-np.inf), where=~allowed)
+        ids = allowed.ids() if allowed is not None and self._draws_from_allowed else None  # None: all tokens
+        if allowed is not None and ids is None:
+            np.copyto(row, np.float32(-np.inf), where=allowed.refused())
         if self.params.greedy and not self.remembers:
             # The most likely (allowed) token, found in place: llama.cpp's greedy sampler would first copy the
             # whole row into a candidate array for the same answer (the first of equal maxima).
-            return int(np.argmax(row))
-        if isinstance(logits, int) and not self.remembers:
+            return int(np.argmax(row)) if ids is None else int(ids[np.argmax(row[ids])])
+        if ids is None and isinstance(logits, int) and not self.remembers:
             # Stateless samplers accept nothing, so the chain may draw straight from the context's logits.
             return llama.llama_sampler_sample(self.chain, model.ctx, logits)
         # Otherwise the chain draws from a candidate array of our own; next() has it accept the tokens kept.
         if self._candidates is None:
             self._candidates = np.zeros(model.n_vocab, dtype=_TOKEN_DATA)
-        candidates = self._candidates
-        candidates["id"] = np.arange(model.n_vocab, dtype=np.int32)  # the chain may have sorted them
-        candidates["logit"] = row
+        size = model.n_vocab if ids is None else len(ids)
+        candidates = self._candidates[:size]
+        # The ids are written every time: the chain may have sorted them.
+        candidates["id"] = np.arange(size, dtype=np.int32) if ids is None else ids
+        candidates["logit"] = row if ids is None else row[ids]
         array = llama.llama_token_data_array(
-            data=candidates.ctypes.data_as(llama.llama_token_data_p), size=model.n_vocab, selected=-1, sorted=False
+            data=candidates.ctypes.data_as(llama.llama_token_data_p), size=size, selected=-1, sorted=False
         )
         llama.llama_sampler_apply(self.chain, ctypes.byref(array))
         return int(candidates["id"][array.selected])

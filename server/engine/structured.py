@@ -25,6 +25,8 @@ from .llama_model import LlamaModel
 # tokens left come within this margin of it.
 ENDING_REFRESH_TOKENS = 16
 ENDING_MARGIN_TOKENS = 48
+# Tokenized endings kept per model.
+TOKENIZED_KEPT = 4096
 
 
 class _TokenTable:
@@ -50,6 +52,9 @@ class Vocabulary:
         self.size = model.n_vocab
         eog = [t for t in range(model.n_vocab) if model.is_end_of_generation(t)]
         self.tokenizer = llg.LLTokenizer(llg.TokenizerWrapper(_TokenTable(model)), eos_token=eog)
+        # Endings repeat (the same closing brackets and missing keys, step after step near the budget), and
+        # tokenizing one goes through llama.cpp's tokenizer.
+        self._tokens: dict[bytes, tuple[int, ...]] = {}
 
     def compile(self, grammar: Grammar) -> str:
         """llguidance's form of the grammar; GrammarError names what cannot be enforced (e.g. an unsupported
@@ -64,7 +69,12 @@ class Vocabulary:
         return compiled
 
     def tokens(self, data: bytes) -> list[int]:
-        return self.tokenizer.tokenize_bytes(data) if data else []
+        known = self._tokens.get(data)
+        if known is None:
+            if len(self._tokens) >= TOKENIZED_KEPT:
+                self._tokens.clear()
+            known = self._tokens[data] = tuple(self.tokenizer.tokenize_bytes(data) if data else ())
+        return list(known)
 
     def shortest_answer(self, grammar: Grammar) -> int:
         """Tokens of the shortest answer the grammar allows that closes every JSON document it opens."""
@@ -107,6 +117,10 @@ class _Documents:
     def feed(self, data: bytes) -> None:
         if self.grammar.document is None or self.state == "text":
             return
+        if self.grammar.whole_answer:  # one document from the first byte to the last: no state to follow
+            assert self.completer is not None
+            self.completer.feed(data)
+            return
         for b in data:
             self._byte(b)
 
@@ -137,6 +151,29 @@ class _Documents:
         return None if shortest is None else owed + shortest
 
 
+# Listing the allowed tokens beats masking the whole vocabulary while at most this share of its 32-token words
+# allows any: in a number, a key or between values, a few hundred of a 128K vocabulary's 4,008 words do.
+SPARSE_SHARE = 0.25
+
+
+class TokenMask:
+    """llguidance's bitmask of the tokens allowed next: token t is bit t % 32 of word t // 32."""
+
+    def __init__(self, bitmask: np.ndarray, size: int) -> None:
+        self.bitmask = bitmask
+        self.size = size
+
+    def ids(self) -> np.ndarray | None:
+        """The allowed tokens in increasing order, or None when they are too many to list cheaply."""
+        if np.count_nonzero(self.bitmask) > SPARSE_SHARE * len(self.bitmask):
+            return None
+        return np.flatnonzero(np.unpackbits(self.bitmask.view(np.uint8), count=self.size, bitorder="little").view(bool))
+
+    def refused(self) -> np.ndarray:
+        """True for each token of the vocabulary that is not allowed."""
+        return np.unpackbits(~self.bitmask.view(np.uint8), count=self.size, bitorder="little").view(bool)
+
+
 @dataclass
 class Step:
     tokens: list[int]  # to emit, in order
@@ -163,11 +200,12 @@ class Constraint:
     def allows(self, token: int) -> bool:
         return self.matcher.validate_tokens([token]) == 1
 
-    def allowed(self) -> np.ndarray:
-        """A boolean mask over the vocabulary of the tokens the grammar allows next."""
+    def allowed(self) -> TokenMask:
+        """The tokens the grammar allows next (read it before the next call: it shares one buffer)."""
         self.matcher.unsafe_compute_mask_ptr(self._bitmask.ctypes.data, self._bitmask.nbytes)
-        bits = np.unpackbits(self._bitmask.view(np.uint8), count=self.vocabulary.size, bitorder="little")
-        return bits.astype(bool)
+        if not self._bitmask.any():
+            raise GrammarError(f"the grammar allows no token: {self.matcher.get_error()}")
+        return TokenMask(self._bitmask, self.vocabulary.size)
 
     def take(self, token: int, tokens_left: int) -> Step:
         """Accept a sampled token the grammar allows, and the tokens it then forces, unless that would leave too
