@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import uvicorn
 
 from .app import create_app, create_engine
-from .config import CATALOG_PATH, load_settings
+from .config import CATALOG_PATH, configure_logging, load_settings
 from .engine import EngineState
 from .model_store import ModelSourceError, ModelStore
 from .surfaces.binding import UpgradeProbeFilter
@@ -17,11 +17,7 @@ from .surfaces.binding import UpgradeProbeFilter
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     log = logging.getLogger("server")
     if not settings.loopback and not (settings.api_token or settings.api_token_file):
         log.warning(

@@ -17,7 +17,7 @@ from starlette.routing import Match, Route
 from . import openapi
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
-from .auth import TokenCheck, is_openai_path, load_tokens
+from .auth import TokenCheck, load_tokens
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import ContextSettings, Engine
@@ -27,7 +27,7 @@ from .model_store import ModelStore
 from .surfaces.binding import BindingRoutes, MiniflareProxy
 from .surfaces.catalog import ModelCatalog
 from .surfaces.finetunes import FinetuneRoutes
-from .surfaces.openai import OpenAIRoutes, from_api_error
+from .surfaces.openai import OpenAIRoutes, error_response
 from .surfaces.operations import OperationsRoutes
 from .surfaces.workers_ai import WorkersAIRoutes
 from .text_generation import TextGeneration
@@ -58,7 +58,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
     else:
         error = ApiError(exc.status_code, exc.status_code, str(exc.detail))
     # An OpenAI client reads errors under the OpenAI prefixes in OpenAI's shape, routed or not.
-    response = from_api_error(error).response() if is_openai_path(request.url.path) else error.response()
+    response = error_response(request.url.path, error)
     if exc.status_code == 405:
         response.headers["allow"] = allowed_methods(request)
     return response
@@ -79,7 +79,9 @@ def base_shape(engine: Engine) -> BaseShape | None:
     return BaseShape(int(heads), int(kv_heads))
 
 
-def create_engine(settings: Settings, fetch: Callable[[], Path], on_failure: Callable[[str], None]) -> Engine:
+def create_engine(
+    settings: Settings, fetch: Callable[[], Path], on_failure: Callable[[str], None] | None = None
+) -> Engine:
     """The engine the settings describe; it fetches and loads its model once started (by the app's lifespan)."""
     return Engine(
         fetch,

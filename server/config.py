@@ -6,7 +6,9 @@ Precedence is flag > environment variable > default, so a `make run` line can be
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -152,38 +154,50 @@ OPTIONS: dict[str, Option] = {
 }
 
 
-def _convert(name: str, raw: str) -> object:
-    kind = type(getattr(Settings(), name))
-    try:
-        return kind(raw)
-    except ValueError as exc:
-        raise SystemExit(f"{OPTIONS[name].env}={raw!r} is not a valid {kind.__name__}") from exc
-
-
-def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    defaults = Settings()
-    cli = argparse.ArgumentParser(
-        prog="python -m server",
-        description="Serve the Cloudflare Workers AI text-generation API for "
-        "@cf/meta/llama-3.1-8b-instruct-fast on a local llama.cpp model.",
-        epilog="Each flag can also be set by the environment variable shown beside it; a flag wins over it.",
-    )
-    for field in fields(Settings):
-        option = OPTIONS[field.name]
+def _add_options(
+    cli: argparse.ArgumentParser,
+    defaults: Settings | ClusterSettings,
+    options: Mapping[str, Option],
+    environ: Mapping[str, str],
+) -> None:
+    """A flag for each field of the settings dataclass `defaults`, its default taken from the environment if set."""
+    for field in fields(defaults):
+        option = options[field.name]
+        kind = type(getattr(defaults, field.name))
         default = getattr(defaults, field.name)
         if option.env in environ:
-            default = _convert(field.name, environ[option.env])
+            try:
+                default = kind(environ[option.env])
+            except ValueError as exc:
+                raise SystemExit(f"{option.env}={environ[option.env]!r} is not a valid {kind.__name__}") from exc
         cli.add_argument(
             option.flag,
             dest=field.name,
-            type=type(getattr(defaults, field.name)),
+            type=kind,
             default=default,
             # A token must not show up in --help just because it came from the environment.
             help=f"{option.help} [env {option.env}]"
             if field.name == "api_token"
             else f"{option.help} [env {option.env}; default: %(default)s]",
         )
+
+
+def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    cli = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve the Cloudflare Workers AI text-generation API for "
+        "@cf/meta/llama-3.1-8b-instruct-fast on a local llama.cpp model.",
+        epilog="Each flag can also be set by the environment variable shown beside it; a flag wins over it.",
+    )
+    _add_options(cli, Settings(), OPTIONS, environ)
     return cli
+
+
+def configure_logging(level: str) -> None:
+    """The log format every process of ours writes (the server, and Ray Serve's driver and replicas)."""
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
 
 
 def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
@@ -241,19 +255,13 @@ def load_cluster_settings(
     """The cluster's settings, the replicas' server settings, and the server flags as given (passed on to each
     replica, which reads them with load_settings there)."""
     env = os.environ if environ is None else environ
-    defaults = ClusterSettings()
     cli = argparse.ArgumentParser(
         prog="python -m server.ray_serve",
         description="Serve the same API through Ray Serve, on several engine replicas. Every flag of "
         "`python -m server` is taken too and applies to each replica; --host and --port are the Serve proxy's.",
         add_help=False,
     )
-    for field in fields(ClusterSettings):
-        option = CLUSTER_OPTIONS[field.name]
-        kind = type(getattr(defaults, field.name))
-        default = kind(env[option.env]) if option.env in env else getattr(defaults, field.name)
-        cli.add_argument(option.flag, dest=field.name, type=kind, default=default,
-                         help=f"{option.help} [env {option.env}; default: %(default)s]")  # fmt: skip
+    _add_options(cli, ClusterSettings(), CLUSTER_OPTIONS, env)
     ours, server_argv = cli.parse_known_args(argv)
     if "-h" in server_argv or "--help" in server_argv:
         cli.print_help()

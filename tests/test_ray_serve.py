@@ -22,6 +22,7 @@ import pytest
 from conftest import MODEL, PROJECT_ROOT, ServerProcess
 from surfaces import Surface
 from test_matrix import WEATHER, over
+from test_workers import _skip_reason, bundle, miniflare  # noqa: F401 (bundle: the fixture, shared)
 
 pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install -e '.[ray]' (make test does)")
 
@@ -126,20 +127,10 @@ def test_the_openai_sdk(ray_server: ServerProcess):
             oai.chat.completions.create(model=MODEL, messages=messages, temperature=9)
 
 
-def test_a_seed_worker_in_workerd(ray_server: ServerProcess, tmp_path: Path):
-    from test_workers import _skip_reason, miniflare, node_env
-
+def test_a_seed_worker_in_workerd(ray_server: ServerProcess, bundle: Path, tmp_path: Path):  # noqa: F811
     if _skip_reason():
         pytest.skip(str(_skip_reason()))
-    import subprocess
-
-    from test_workers import BIN, EXAMPLES, WORKERS
-
-    subprocess.run(
-        [BIN / "wrangler", "deploy", "--dry-run", "--outdir", tmp_path / "bundle", "-c", EXAMPLES, "--env", ""],
-        cwd=WORKERS, env=node_env(tmp_path), check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
-    host = miniflare(tmp_path / "bundle" / "index.js", f"{ray_server.url}/binding/{TOKEN}", tmp_path / "miniflare")
+    host = miniflare(bundle, f"{ray_server.url}/binding/{TOKEN}", tmp_path / "miniflare")
     try:
         answer = httpx.get(host.url + "/seed/worker", timeout=120)
         assert answer.status_code == 200, answer.text

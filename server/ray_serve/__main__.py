@@ -10,18 +10,14 @@ from collections.abc import Sequence
 
 import httpx
 
-from server.config import ClusterSettings, load_cluster_settings
+from server.config import ClusterSettings, configure_logging, load_cluster_settings
 from server.ray_serve import cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Every flag is checked before Ray starts: a typo costs no cluster.
     cluster_settings, settings, server_argv = load_cluster_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(settings.log_level)
     log = logging.getLogger("server.ray_serve")
     address = cluster_settings.ray_address
     connection = cluster.Cluster(address, cluster.environment(address, server_argv))

@@ -9,9 +9,7 @@ engine's thread is never pickled.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
-import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -22,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.app import create_app, create_engine
-from server.config import CATALOG_PATH, ClusterSettings, Settings, load_settings
+from server.config import CATALOG_PATH, ClusterSettings, Settings, configure_logging, load_settings
 from server.engine import Engine, EngineState
 from server.model_store import ModelStore
 from server.ray_serve import cluster
@@ -89,29 +87,22 @@ class EngineReplica:
         if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":  # a loopback cluster (cluster.environment)
             cluster.pin_replica_grpc_to_loopback()
         self.settings = load_settings(list(server_argv))
-        logging.basicConfig(
-            level=self.settings.log_level.upper(),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
+        configure_logging(self.settings.log_level)
         self.store = ModelStore(CATALOG_PATH)
-        self.failure: str | None = None
-        self.engine = create_engine(self.settings, self.store.source(self.settings.model).fetch, self._failed)
+        # No failure callback: check_health reads the engine's state, which a failed load leaves FAILED.
+        self.engine = create_engine(self.settings, self.store.source(self.settings.model).fetch)
         self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.held: OrderedDict[str, None] = OrderedDict()
         self.asgi: Starlette | None = None  # not `app`: Serve's ingress wrapper owns that name
-
-    def _failed(self, reason: str) -> None:
-        # On the engine's thread; check_health turns it into a replacement replica.
-        self.failure = reason
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         self.asgi = create_app(self.settings, self.engine, self.store)
         return ReplicaGate(self.asgi, self.engine, self.replica_id, self.held)
 
     def check_health(self) -> None:
-        if self.failure or self.engine.state is EngineState.FAILED:
-            raise RuntimeError(f"the engine failed: {self.failure or self.engine.error}")
+        """Serve replaces a replica whose engine failed."""
+        if self.engine.state is EngineState.FAILED:
+            raise RuntimeError(f"the engine failed: {self.engine.error}")
 
     def record_routing_stats(self) -> dict[str, Any]:
         """Collected by Serve every STATS_PERIOD_S and given to every router: what the router weighs (queue,

@@ -24,10 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server import sse
 from server.auth import TokenCheck, is_openai_path, load_tokens
 from server.config import load_settings
-from server.errors import INTERNAL, OUT_OF_CAPACITY, ApiError, OpenAIError
+from server.errors import INTERNAL, OUT_OF_CAPACITY, ApiError
 from server.ray_serve import prefixes
 from server.ray_serve.cluster import SERVER_ARGV_ENV
-from server.surfaces.openai import from_api_error
+from server.surfaces import openai, workers_ai
 from server.text_generation import CAPACITY_EXCEEDED
 
 log = logging.getLogger("server.ray_serve.proxy")
@@ -41,15 +41,9 @@ RAY_ERRORS = {
 }
 
 
-def error_response(scope: Scope, error: ApiError) -> Response:
-    return from_api_error(error).response() if is_openai_path(scope["path"]) else error.response()
-
-
 def stream_error_event(scope: Scope, message: str) -> bytes:
-    """The final event a stream gets when its generation fails (as surfaces/workers_ai.py and openai.py write it)."""
-    if is_openai_path(scope["path"]):
-        return sse.event(OpenAIError(500, message, "server_error").body, padded=False)
-    return sse.event({"error": ApiError(500, INTERNAL, message).payload()}, padded=False)
+    """The final event a stream of this route gets when its generation fails."""
+    return openai.failure_event(message) if is_openai_path(scope["path"]) else workers_ai.failure_event(message)
 
 
 class RayAnswers:
@@ -87,7 +81,7 @@ class RayAnswers:
         if replaced is None and not started:
             replaced = RAY_ERRORS[500]  # the replica died before answering: Ray sends nothing at all
         if replaced is not None and not started:
-            response = error_response(scope, replaced)
+            response = openai.error_response(scope["path"], replaced)
             if retry_after:
                 response.headers["retry-after"] = retry_after.decode()
             await response(scope, receive, send)

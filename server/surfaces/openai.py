@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import sse
+from ..auth import is_openai_path
 from ..config import SCHEMAS_DIR
 from ..contract import RunRequest
 from ..engine import GenerationFailed, SamplingParams
@@ -35,6 +36,16 @@ def from_api_error(exc: ApiError) -> OpenAIError:
     kinds = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
     kind = kinds.get(exc.status, "server_error" if exc.status >= 500 else "invalid_request_error")
     return OpenAIError(exc.status, exc.message, kind, code=str(exc.code))
+
+
+def error_response(path: str, error: ApiError) -> Response:
+    """An error in the shape the path's clients parse: OpenAI's object under the OpenAI prefixes, else the envelope."""
+    return from_api_error(error).response() if is_openai_path(path) else error.response()
+
+
+def failure_event(message: str) -> bytes:
+    """The last event of a stream whose generation failed after it began."""
+    return sse.event(OpenAIError(500, message, "server_error").body, padded=False)
 
 
 def _load_validator(name: str) -> Draft202012Validator:
@@ -264,6 +275,6 @@ class Reply:
                 yield sse.event({**usage, "choices": [], "usage": answer.usage}, padded=False)
             yield sse.DONE
         except GenerationFailed as exc:
-            yield sse.event(OpenAIError(500, str(exc), "server_error").body, padded=False)
+            yield failure_event(str(exc))
         finally:
             answer.close()

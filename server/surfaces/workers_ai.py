@@ -17,6 +17,11 @@ from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnec
 from ..text_generation import Answer, TextGeneration
 
 
+def failure_event(message: str) -> bytes:
+    """The last event of a stream whose generation failed after it began."""
+    return sse.event({"error": {"code": INTERNAL, "message": message}}, padded=False)
+
+
 async def workers_ai_events(answer: Answer) -> AsyncIterator[bytes]:
     """Workers AI's stream: padded text events, one tool-call event, the usage event, then [DONE]; a failure after
     the stream began becomes a final error event. The Worker binding streams the same bytes."""
@@ -28,7 +33,7 @@ async def workers_ai_events(answer: Answer) -> AsyncIterator[bytes]:
         yield sse.event({"response": "", "usage": answer.usage})
         yield sse.DONE
     except GenerationFailed as exc:
-        yield sse.event({"error": {"code": INTERNAL, "message": str(exc)}}, padded=False)
+        yield failure_event(str(exc))
     finally:
         # Runs when the client goes away mid-stream too (the response task is cancelled).
         answer.close()
