@@ -231,11 +231,11 @@ def test_a_budget_too_small_for_any_answer_is_refused_before_generation(client):
     response = client.post(run_url(), json={"prompt": "An event.", "response_format": fmt, "max_tokens": needed - 1})
     assert_error(response, 400, 5006, f"max_tokens {needed - 1} cannot hold", f"at least {needed}")
     assert metric(client.get("/metrics").text, "workers_ai_completion_tokens_total") == before
-    exact = assert_ok(
-        client.post(run_url(), json={"prompt": "An event.", "response_format": fmt, "max_tokens": needed})
-    )
+    # Seeded: the model may find a valid answer in fewer tokens than the shortest ending's own tokenization.
+    body = {"prompt": "An event.", "response_format": fmt, "max_tokens": needed, "seed": 1}
+    exact = assert_ok(client.post(run_url(), json=body))
     valid(EVENT, exact["response"])
-    assert exact["usage"]["completion_tokens"] == needed
+    assert 0 < exact["usage"]["completion_tokens"] <= needed
 
 
 def test_forced_calls_need_room_too(client):

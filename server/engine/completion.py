@@ -188,8 +188,10 @@ class Schemas:
     def __init__(self, root: dict[str, Any], layout: Layout) -> None:
         self.root = root
         self.layout = layout
-        self._shortest: dict[int, bytes | None] = {}
-        self._busy: set[int] = set()
+        # Keyed by content: resolve() builds a new dict for every merged alternative, so an id() could name a
+        # collected one's successor.
+        self._shortest: dict[str, bytes | None] = {}
+        self._busy: set[str] = set()
 
     def resolve(self, schema: Any) -> list[dict[str, Any]]:
         """A schema as the alternatives it allows: $ref followed, anyOf/oneOf flattened, a list of types split."""
@@ -243,7 +245,7 @@ class Schemas:
         """The shortest valid text for a schema; None when there is none to be found (a recursion with no exit)."""
         best = None
         for alternative in self.resolve(schema):
-            key = id(alternative)
+            key = json.dumps(alternative, sort_keys=True, default=str)
             if key not in self._shortest:
                 if key in self._busy:
                     continue
