@@ -127,7 +127,8 @@ OPTIONS: dict[str, Option] = {
     "prefill_block": Option(
         "--prefill-block",
         "WAI_PREFILL_BLOCK",
-        "prompt tokens computed per block; 0 = 512 with a GPU, on a CPU 64 up to 1.5B parameters, 32 up to 4B, else 8",
+        "prompt tokens per block (the unit of prompt work and prefix reuse); 0 = 512 with a GPU, on a CPU 64 up to "
+        "1.5B parameters, 32 up to 4B, else 4",
     ),
     "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
     "max_queue": Option(

@@ -45,6 +45,19 @@ class ServerMetrics:
         busy.set_function(lambda: engine.busy_slots)
         slots = Gauge("workers_ai_slots", "Slots configured", registry=self.registry)
         slots.set_function(lambda: engine.slots)
+        # Cumulative seconds as gauges read from the engine (a Counter cannot be read from a function).
+        busy_time = Gauge(
+            "workers_ai_engine_busy_seconds",
+            "Seconds the engine thread has worked (admitting and stepping), cumulative",
+            registry=self.registry,
+        )
+        busy_time.set_function(lambda: engine.busy_seconds)
+        decode_time = Gauge(
+            "workers_ai_engine_decode_seconds",
+            "Seconds of that work spent inside llama_decode, cumulative",
+            registry=self.registry,
+        )
+        decode_time.set_function(lambda: engine.decode_seconds)
 
     def observe(self, status: int, generation: Generation | None) -> None:
         self.requests.labels(status=str(status)).inc()

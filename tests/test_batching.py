@@ -164,3 +164,6 @@ def test_metrics_count_this_tests_own_requests(client):
     assert metric(after, "workers_ai_queue_depth") == 0
     assert metric(after, "workers_ai_slots_busy") == 0
     assert metric(after, "workers_ai_slots") == client.get("/health").json()["slots"]
+    # The engine's working time grew by this test's requests, and llama_decode took part of it, not more.
+    busy, inside = delta("workers_ai_engine_busy_seconds"), delta("workers_ai_engine_decode_seconds")
+    assert 0 < inside < busy

@@ -137,3 +137,47 @@ def test_a_repeat_with_sampling_is_the_same_as_a_cold_one(client, server, tmp_pa
         assert assert_ok(httpx.post(cold.url + run_url(), json=body, timeout=60))["response"] == warm["response"]
     finally:
         cold.stop()
+
+
+def stream_tokens_while_a_prompt_joins(url: str) -> tuple[int, int]:
+    """A stream runs; a ~768-token prompt arrives. Returns the stream's tokens between that prompt's submission
+    and its first token, and the prompt's token count."""
+    stamps: list[float] = []
+    joined: dict[str, float | int] = {}
+
+    def newcomer() -> None:
+        body = {"prompt": long_prompt(768, "joining"), "raw": True, "max_tokens": 1, "temperature": 0, "stream": True}
+        joined["submitted"] = time.perf_counter()
+        with httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    event = json.loads(line[6:])
+                    joined.setdefault("first", time.perf_counter())
+                    joined["prompt_tokens"] = event.get("usage", {}).get("prompt_tokens", 0)
+
+    body = {"prompt": COUNTING, "raw": True, "max_tokens": 200, "temperature": 0, "stream": True}
+    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and '"response":""' not in line.replace(" ", ""):
+                stamps.append(time.perf_counter())
+                if len(stamps) == 3:
+                    joining = pool.submit(newcomer)
+        joining.result()
+    between = sum(1 for t in stamps if joined["submitted"] < t < joined["first"])
+    return between, int(joined["prompt_tokens"])
+
+
+def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path):
+    # At the smallest bound each step takes one 64-token block of the newcomer beside the running stream, so the
+    # stream gets a token per block; with no bound the prompt goes in two steps of up to 512 tokens.
+    between = {}
+    for stall in ("1", "0"):
+        args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "2048", "--max-stall-ms", stall)
+        with ServerProcess(tmp_path / f"stall-{stall}.log", *args) as proc:
+            between[stall], prompt_tokens = stream_tokens_while_a_prompt_joins(proc.url)
+    blocks = -(-prompt_tokens // 64)
+    assert blocks >= 12
+    # A token or two either way: the step running when the prompt arrives, and the last block's step, whose
+    # stream token and the newcomer's first token race to their clients.
+    assert between["1"] >= blocks - 2
+    assert between["0"] <= 6

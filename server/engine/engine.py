@@ -1,9 +1,11 @@
 """The engine: one thread owns the llama.cpp model and context and serves every request through slots.
 
 Requests become jobs in a bounded wait queue. The engine thread admits them into free slots and, at each step,
-runs one `llama_decode` over the next token of every generating slot together (continuous batching), then
-computes blocks of newly admitted prompts within the step's token budget, so a long prompt never stalls the
-streams already running for more than a step. Each slot samples with its own native sampler chain.
+advances every generating slot by one token together (continuous batching) and newly admitted prompts by whole
+blocks within the step's token budget (sized by `--max-stall-ms` at the measured prompt speed), so a long prompt
+never stalls the streams already running for more than a step. In the default pool layout both go into one
+`llama_decode`; in the slots layout prompts get calls of their own. Each slot samples with its own native
+sampler chain.
 
 A slot keeps its KV cache after a request ends. A new request goes to the free slot that already holds the
 longest prefix of its prompt (or to its conversation's slot, named by a session key), and only the rest of
@@ -42,20 +44,24 @@ from .structured import Constraint, Vocabulary
 
 log = logging.getLogger("server.engine")
 
-# Prompts are computed in blocks of this many tokens, aligned to absolute positions, each in a decode call of its
-# own. llama.cpp's kernels do not give bit-identical results for every split of a prompt (attention takes a
-# different path for a handful of queries than for many), so a prompt split one way on a cold cache and another
-# way around a reused prefix could sample differently at temperature 0. With fixed blocks, every position is
-# computed the same way whatever was cached and whatever else runs, and a prefix reuse never changes output.
-# A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU
-# needs large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on
-# a CPU it shrinks as the model grows: 8 tokens of an 8B model take about a second on two cores (measured: 9 prompt
-# tokens/s). The size follows from the model alone (never from timings), so the same request splits the same way
-# on every start.
+# Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and
+# of prefix reuse. llama.cpp's kernels do not give bit-identical results for every split of a prompt (attention
+# takes a different path for a handful of queries than for many), so a prompt split one way on a cold cache and
+# another way around a reused prefix could sample differently at temperature 0. In the slots layout each block has
+# a decode call of its own, so every position is computed the same way whatever was cached and whatever else runs.
+# In the pool layout, where attention over the shared cells already ties a request's sums to its neighbours, a call
+# takes as many whole blocks as its budget allows (see _step_pool).
+# A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU needs
+# large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on a CPU
+# it shrinks as the model grows: on two cores an 8B model computes 4 prompt tokens in 0.5 s and 8 in 1.1-1.3 s,
+# at about the same tokens/s (measured on the 8B stand-in). The size follows from the model alone (never from
+# timings), so the same request splits the same way on every start.
 GPU_PREFILL_BLOCK = 512
-CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 8))  # (up to this many parameters, block)
-# Prompt speed is measured on the calls that compute blocks, as a moving average with this weight for the newest.
+CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 4))  # (up to this many parameters, block)
+# Prompt speed is measured on the calls that compute blocks (at least this many tokens, fewer are too quick to
+# time), as a moving average with this weight for the newest.
 RATE_WEIGHT = 0.3
+MEASURED_PREFILL = 4
 
 
 def prefill_block_for(n_params: int, gpu: bool) -> int:
@@ -242,6 +248,10 @@ class Engine:
         self.prefill_block = prefill_block or CPU_PREFILL_BLOCKS[0][1]
         self._prefill_rate: float | None = None  # prompt tokens per second, measured
         self._generate_seconds = 0.0  # what advancing the running streams took in the last step
+        # Cumulative, for monitoring: the engine thread's working time (admitting and stepping, never waiting),
+        # and the part of it spent inside llama_decode; the rest is this engine's own overhead.
+        self.busy_seconds = 0.0
+        self.decode_seconds = 0.0
 
     # -- asyncio side ---------------------------------------------------------------------------------------
 
@@ -394,7 +404,9 @@ class Engine:
         self.state = EngineState.READY
         try:
             while self._admit(slots):
+                started = time.perf_counter()
                 self._step(slots, batch)
+                self.busy_seconds += time.perf_counter() - started
         finally:
             for slot in slots:
                 if slot.job:
@@ -410,25 +422,31 @@ class Engine:
                 self._wake.wait()
             if self._stopping:
                 return False
-            while self._waiting:
-                free = [slot for slot in slots if slot.job is None]
-                if not free:
-                    break
-                job = self._waiting[0]
-                slot = self._pick_slot(free, job)
-                if not self._make_room(slots, slot, job):
-                    break  # it waits, first in line, for running requests to give cells back
-                self._waiting.popleft()
-                try:
-                    self._assign(slot, job)
-                except Exception as exc:  # a request the engine cannot serve fails alone, never the engine
-                    log.exception("request failed on admission")
-                    failure = Failed(f"the request could not be started: {exc}")
-                    if slot.job is job:
-                        self._finish(slot, failure)
-                    else:
-                        job.generation.deliver(failure)
+            started = time.perf_counter()
+            self._admit_waiting(slots)
+            self.busy_seconds += time.perf_counter() - started
         return True
+
+    def _admit_waiting(self, slots: list[Slot]) -> None:
+        """Move waiting jobs into free slots while there are any (called holding the lock)."""
+        while self._waiting:
+            free = [slot for slot in slots if slot.job is None]
+            if not free:
+                break
+            job = self._waiting[0]
+            slot = self._pick_slot(free, job)
+            if not self._make_room(slots, slot, job):
+                break  # it waits, first in line, for running requests to give cells back
+            self._waiting.popleft()
+            try:
+                self._assign(slot, job)
+            except Exception as exc:  # a request the engine cannot serve fails alone, never the engine
+                log.exception("request failed on admission")
+                failure = Failed(f"the request could not be started: {exc}")
+                if slot.job is job:
+                    self._finish(slot, failure)
+                else:
+                    job.generation.deliver(failure)
 
     def _make_room(self, slots: list[Slot], chosen: Slot, job: _Job) -> bool:
         """Whether the pool can hold `job` in `chosen` along with what the running requests may come to hold,
@@ -498,28 +516,71 @@ class Engine:
             if slot.job and slot.job.generation.cancelled:
                 self._finish(slot, Finished(FinishReason.CANCELLED, slot.n_generated))
 
-        # Every running stream advances one token per step, in one decode call per LoRA adapter in use (the
-        # context applies one adapter set to a whole batch, so requests with different adapters never share one)...
-        # A grammar's forced tokens go in with the sampled one, each slot's share of the batch at most.
+        # Every running stream advances one token per step; requests with different LoRA adapters never share a
+        # decode call (the context applies one adapter set to a whole batch). A grammar's forced tokens go in with
+        # the sampled one, each slot's share of the batch at most.
         generating: dict[Path | None, list[Slot]] = {}
         for slot in slots:
             if slot.job and not slot.prefilling:
                 generating.setdefault(slot.adapter, []).append(slot)
         share = max(1, self.model.n_batch // max(1, sum(len(group) for group in generating.values())))
-        started = time.perf_counter()
-        for adapter, group in generating.items():
-            if self._use_adapter(adapter, group):
-                self._decode(batch, [(slot, slot.pending[:share]) for slot in group])
-        self._generate_seconds = time.perf_counter() - started
+        streams = {adapter: [(slot, slot.pending[:share]) for slot in group] for adapter, group in generating.items()}
+        if self.model.shared_pool:
+            self._step_pool(slots, streams, batch)
+        else:
+            self._step_slots(slots, streams, batch)
 
-        # ...then prompts advance by whole blocks within the step's budget. Blocks of the same length (and
-        # adapter) from different prompts share a decode call: in the slots layout llama.cpp gives each sequence
-        # its own attention stream, so every block is still computed exactly as it would be alone (in the pool
-        # layout, attention spans the shared cells, see LlamaModel).
-        budget = self._prefill_budget(streams_waiting=bool(generating))
+    def _step_pool(
+        self, slots: list[Slot], streams: dict[Path | None, list[tuple[Slot, list[int]]]], batch: llama.llama_batch
+    ) -> None:
+        """Pool layout: per adapter, one decode call holds the running streams' tokens and as many whole blocks of
+        newly admitted prompts as the step's budget allows (at least one block, so prompts always advance). The
+        weights are read once per step, and an idle server computes a prompt in calls of a whole batch. llama.cpp
+        takes such a batch in one pass whatever its sequences hold; attention spans the pool's cells anyway, so
+        what runs beside a request can already change its output in rare near-ties (see the README)."""
+        assert self.model is not None
+        room = self.model.n_batch - sum(len(tokens) for work in streams.values() for _, tokens in work)
+        budget = min(room, self._prefill_budget(streams_waiting=bool(streams)))
+        prompts: dict[Path | None, list[tuple[Slot, list[int]]]] = {}
+        for slot in self._prefilling(slots):
+            size = self._whole_blocks(slot, budget)
+            if not size:
+                size = self._next_block(slot)
+                if prompts or size > room:
+                    break
+            budget -= size
+            prompts.setdefault(slot.adapter, []).append((slot, slot.pending[:size]))
+            if budget <= 0:
+                break
+        for adapter in list(streams) + [a for a in prompts if a not in streams]:
+            stream_work, prompt_work = streams.get(adapter, []), prompts.get(adapter, [])
+            if not self._use_adapter(adapter, [slot for slot, _ in stream_work + prompt_work]):
+                continue
+            seconds = self._decode(batch, stream_work + prompt_work)
+            prompt_tokens = sum(len(tokens) for _, tokens in prompt_work)
+            if not prompt_work:
+                self._generate_seconds = seconds
+            elif stream_work:  # what the prompt tokens added to the streams' own step is the speed that counts
+                self._measure_prefill(prompt_tokens, seconds - self._generate_seconds)
+            else:
+                self._measure_prefill(prompt_tokens, seconds)
+
+    def _step_slots(
+        self, slots: list[Slot], streams: dict[Path | None, list[tuple[Slot, list[int]]]], batch: llama.llama_batch
+    ) -> None:
+        """Slots layout: the running streams in one decode call per adapter, then prompts by whole blocks within
+        the step's budget. llama.cpp gives each sequence its own attention stream here and splits a batch into
+        equal shares per sequence, so a block shares a call only with blocks of its own length: each is then
+        computed exactly as it would be alone, whatever else runs and whatever was cached."""
+        assert self.model is not None
+        self._generate_seconds = 0.0
+        for adapter, work in streams.items():
+            if self._use_adapter(adapter, [slot for slot, _ in work]):
+                self._generate_seconds += self._decode(batch, work)
+        budget = self._prefill_budget(streams_waiting=bool(streams))
         while budget > 0:
             blocks: dict[tuple[int, Path | None], list[Slot]] = {}
-            for slot in sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used):
+            for slot in self._prefilling(slots):
                 blocks.setdefault((self._next_block(slot), slot.adapter), []).append(slot)
             if not blocks:
                 return
@@ -530,7 +591,19 @@ class Engine:
             budget -= size * len(group)
             if self._use_adapter(adapter, group):
                 group.sort(key=lambda s: s.seq_id)  # consecutive ids share a micro-batch (see _pick_slot)
-                self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
+                seconds = self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
+                self._measure_prefill(size * len(group), seconds)
+
+    def _prefilling(self, slots: list[Slot]) -> list[Slot]:
+        """Slots computing their prompt, first admitted first."""
+        return sorted((s for s in slots if s.job and s.prefilling), key=lambda s: s.last_used)
+
+    def _measure_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens < MEASURED_PREFILL:
+            return  # too few tokens to time
+        rate = tokens / max(seconds, 1e-3)
+        previous = self._prefill_rate
+        self._prefill_rate = rate if previous is None else (1 - RATE_WEIGHT) * previous + RATE_WEIGHT * rate
 
     def _prefill_budget(self, streams_waiting: bool) -> int:
         """Prompt tokens this step may compute: as many as fit in the stall bound at the measured prompt speed
@@ -541,6 +614,13 @@ class Engine:
         room = self.max_stall - self._generate_seconds
         fitting = int(self._prefill_rate * room) if self._prefill_rate and room > 0 else 0
         return min(self.model.n_batch, max(self.prefill_block, fitting))
+
+    def _whole_blocks(self, slot: Slot, budget: int) -> int:
+        """How many of the slot's prompt tokens fit in `budget` up to a block boundary (or the prompt's end)."""
+        if len(slot.pending) <= budget:
+            return len(slot.pending)
+        end = (len(slot.cached) + max(0, budget)) // self.prefill_block * self.prefill_block
+        return max(0, end - len(slot.cached))
 
     def _next_block(self, slot: Slot) -> int:
         """How many prompt tokens the slot's next block holds: up to the next block boundary."""
@@ -557,8 +637,9 @@ class Engine:
             return False
         return True
 
-    def _decode(self, batch: llama.llama_batch, work: list[tuple[Slot, list[int]]]) -> None:
-        """One llama_decode over `work`; each slot whose pending tokens all went in samples its next token."""
+    def _decode(self, batch: llama.llama_batch, work: list[tuple[Slot, list[int]]]) -> float:
+        """One llama_decode over `work`; each slot whose pending tokens all went in samples its next token.
+        Returns the seconds llama_decode took."""
         assert self.model is not None
         n = 0
         outputs: list[tuple[Slot, int]] = []
@@ -585,11 +666,9 @@ class Engine:
             for slot, _ in work:
                 if slot.job:
                     self._finish(slot, Failed(f"generation failed: {exc}"))
-            return
-        if all(slot.prefilling for slot, _ in work) and n >= 8:
-            rate = n / max(time.perf_counter() - started, 1e-6)
-            previous = self._prefill_rate
-            self._prefill_rate = rate if previous is None else (1 - RATE_WEIGHT) * previous + RATE_WEIGHT * rate
+            return 0.0
+        seconds = time.perf_counter() - started
+        self.decode_seconds += seconds
         for slot, index in outputs:
             if slot.prefilling:
                 slot.prompt_logits = self.model.logits(index).copy()
@@ -600,6 +679,7 @@ class Engine:
                 log.exception("sampling failed")
                 if slot.job is not None:
                     self._finish(slot, Failed(f"generation failed: {exc}"))
+        return seconds
 
     def _advance(self, slot: Slot, logits: int | np.ndarray) -> None:
         """Sample from `logits` (an output of the last decode, or a copy kept with the cache) and deliver."""
