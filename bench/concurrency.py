@@ -213,6 +213,16 @@ def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int
     )
 
 
+def engine_seconds(contender: Contender) -> tuple[float, float]:
+    """This server's cumulative engine working time and the part of it inside llama_decode (its /metrics)."""
+    values = {}
+    for line in httpx.get(contender.url + "/metrics").text.splitlines():
+        if line.startswith(("workers_ai_engine_busy_seconds ", "workers_ai_engine_decode_seconds ")):
+            name, value = line.split()
+            values[name] = float(value)
+    return values["workers_ai_engine_busy_seconds"], values["workers_ai_engine_decode_seconds"]
+
+
 def run_level(contender: Contender, concurrency: int, requests: int, tokens: int, first: int = 1) -> dict:
     results: list[Result] = []
     lock = threading.Lock()
@@ -280,7 +290,11 @@ def main() -> None:
             for s in order:
                 # Prompts no earlier level used, the same for every server: a server's prompt cache (llama-server
                 # keeps prompts in RAM) must not turn a repeated level into a measure of caching.
+                before = engine_seconds(s) if s.name == "this server" else None
                 run = run_level(s, level, args.requests, args.tokens, first=1 + 1_000_000 * i)
+                if before:  # the engine's own share of its working time: all that is not llama_decode
+                    busy, inside = (a - b for a, b in zip(engine_seconds(s), before, strict=True))
+                    run["outside_decode_pct"] = 100 * (busy - inside) / busy
                 runs[s.name].setdefault(level, []).append(run)
                 print(f"{s.name:<17} c={level:<3} {run}", file=sys.stderr)
     finally:
@@ -317,6 +331,12 @@ def main() -> None:
                 f"{fmt(row['ttft_p95_ms'])} | {fmt(row['itl_p50_ms'], 2)} | {row['failed']} | "
                 f"{row['truncated']}/{row['requests']} |"
             )
+    for level, rows in runs.get("this server", {}).items():
+        shares = sorted(r["outside_decode_pct"] for r in rows)
+        lines.append(
+            f"\nThis server, {level} clients: engine time outside llama_decode {statistics.median(shares):.1f}% "
+            f"({shares[0]:.1f}-{shares[-1]:.1f}%)"
+        )
     markdown = "\n".join(lines)
     print(markdown)
     (RESULTS / "concurrency.md").write_text(markdown + "\n")

@@ -89,17 +89,22 @@ class BareLoop:
         cp.no_perf = True
         self.ctx = llama.llama_init_from_model(self.model, cp)
         self.sampler = llama.llama_sampler_init_greedy()
-        data = PROMPT.encode()
+        self.prompt = self.tokenize(PROMPT)
+
+    def tokenize(self, text: str) -> list[int]:
+        data = text.encode()
         buf = (llama.llama_token * (len(data) + 8))()
         n = llama.llama_tokenize(self.vocab, data, len(data), buf, len(buf), True, True)
-        self.prompt = list(buf[:n])
+        return list(buf[:n])
 
-    def run(self, tokens: int) -> Run:
+    def run(self, tokens: int, prompt_tokens: list[int] | None = None) -> Run:
+        """Decode a prompt (PROMPT unless given, up to 512 tokens: one batch) and then `tokens` tokens."""
         llama.llama_memory_clear(llama.llama_get_memory(self.ctx), True)
         piece = ctypes.create_string_buffer(64)
+        given = prompt_tokens or self.prompt
         started = time.perf_counter()
-        prompt = (llama.llama_token * len(self.prompt))(*self.prompt)
-        llama.llama_decode(self.ctx, llama.llama_batch_get_one(prompt, len(self.prompt)))
+        prompt = (llama.llama_token * len(given))(*given)
+        llama.llama_decode(self.ctx, llama.llama_batch_get_one(prompt, len(given)))
         stamps = []
         one = (llama.llama_token * 1)()
         for _ in range(tokens):

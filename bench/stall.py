@@ -2,8 +2,8 @@
 ~100-token prompts arriving together. Reported per server setting, side by side and taking turns: the running
 stream's longest gap between tokens, the newcomers' time to first token, and aggregate tokens/s over the round.
 
-Compared: the default (`--max-stall-ms 1000`, prompt blocks sized by the model) against the behaviour before the
-stall bound (`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step).
+Compared: the default (`--max-stall-ms 1000`, prompt blocks sized by the model) against no stall bound
+(`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step, as llama-server does).
 
     .venv/bin/python bench/stall.py [--model llama31-8b] [--rounds 3] [--tokens 48]
 """

@@ -1,0 +1,201 @@
+"""Llama 3.1 8B's shape on this machine: this server, llama.cpp's llama-server and a bare llama_decode loop, side
+by side in one run, taking turns.
+
+The model is the 8B stand-in (models/llama31_standin.py: Llama 3.1 8B's shape and vocabulary, seeded random
+weights, Q4_K_M by llama.cpp's own quantizer; about 5 GB, built into the cache on first use in minutes).
+llama-server is built natively from the llama.cpp sources the pinned llama-cpp-python vendors
+(bench/build_llama_server.sh, run first if missing). Both servers get the same threads, slots and KV cells.
+
+Each round, every contender in turn (the order rotates): time to first token of a 512-token prompt never seen
+before; then 1, 4 and 8 streams at once of greedy completions from short prompts: decode tokens/s per stream
+(tokens after the first over the time after the first, median over streams) and aggregate tokens/s (all tokens
+over the level's wall time, prompts included). The bare loop runs the 512-token prompt and one stream. At the end,
+each server's peak resident memory (VmHWM: the mapped weights count once per process), and this server's own
+share of its engine time outside llama_decode (its /metrics) at every level.
+
+    .venv/bin/python bench/llama31_8b.py [--rounds 3] [--tokens 32] [--levels 1,4,8] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from concurrency import LLAMA_SERVER, Contender, Result, contenders, engine_seconds
+from local_server import model_source
+from single_stream import BareLoop
+
+from server.config import PROJECT_ROOT, physical_cores
+
+RESULTS = PROJECT_ROOT / "bench" / "results"
+PROMPT_TOKENS = 512
+CTX = 1024  # per slot: the long prompt and its answer, or a short prompt and many tokens
+
+
+def long_prompt(bare: BareLoop, label: str) -> str:
+    """A prompt of exactly PROMPT_TOKENS tokens (with BOS) that starts with `label`, so no cache holds it."""
+    words = 0
+    while len(bare.tokenize(f"{label}:" + " apple" * (words + 1))) <= PROMPT_TOKENS:
+        words += 1
+    return f"{label}:" + " apple" * words
+
+
+def streams(contender: Contender, count: int, tokens: int, label: str) -> tuple[list[Result], float]:
+    results: list[Result] = [Result() for _ in range(count)]
+
+    def client(index: int) -> None:
+        prompt = f"{label} stream {index}: " + ", ".join(str(n) for n in range(1, 13)) + ","
+        with httpx.Client() as http:
+            results[index] = contender.stream(http, prompt, tokens)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, time.perf_counter() - started
+
+
+def first_token_seconds(server: Contender, prompt: str) -> float:
+    """Seconds to the first token of one stream of `prompt`."""
+    with httpx.Client() as http:
+        result = server.stream(http, prompt, 1)
+    if result.ttft is None:
+        raise SystemExit(f"{server.name} gave no token: {result.error}")
+    return result.ttft
+
+
+def decode_rate(result: Result) -> float:
+    return (result.tokens - 1) / sum(result.gaps) if result.gaps else float("nan")
+
+
+def peak_rss_gib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def sample_vram(servers: list[Contender], peaks: dict[str, float]) -> None:
+    """Each server's GPU memory now (nvidia-smi), kept where it is the most seen so far."""
+    query = ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
+    used = dict(line.split(", ") for line in subprocess.run(query, capture_output=True, text=True).stdout.splitlines())
+    for server in servers:
+        if server.process and str(server.process.pid) in used:
+            peaks[server.name] = max(peaks.get(server.name, 0.0), int(used[str(server.process.pid)]) / 1024)
+
+
+def summary(values: list[float], digits: int = 1) -> str:
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def main() -> None:
+    cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    cli.add_argument("--model", default="llama31-8b", help="a stand-in's name or a GGUF path")
+    cli.add_argument("--threads", type=int, default=physical_cores())
+    cli.add_argument("--rounds", type=int, default=3)
+    cli.add_argument("--tokens", type=int, default=32, help="tokens per stream")
+    cli.add_argument("--levels", default="1,4,8")
+    cli.add_argument("--gpu", action="store_true", help="CUDA builds: every layer on the GPU, VRAM reported")
+    args = cli.parse_args()
+    if not LLAMA_SERVER.exists():
+        raise SystemExit(f"{LLAMA_SERVER} is missing: run bench/build_llama_server.sh first")
+    levels = [int(n) for n in args.levels.split(",")]
+    slots = max(levels)
+    path = Path(model_source(args.model))
+    servers = [c for c in contenders(path, str(path), args.threads, slots, CTX) if c.name != "llama_cpp.server"]
+    ours = servers[0]
+    ours.command += ["--kv-size", str(slots * CTX)]  # llama-server's -c: the same KV cells for both
+    if args.gpu:  # this server and the bare loop offload every layer by default; llama-server is told
+        servers[1].command += ["-ngl", "999"]
+    vram: dict[str, float] = {}
+    bare = BareLoop(path, args.threads)
+
+    ttft: dict[str, list[float]] = {name: [] for name in ("this server", "llama-server", "bare llama_decode")}
+    decode: dict[tuple[str, int], list[float]] = {}
+    aggregate: dict[tuple[str, int], list[float]] = {}
+    overhead: dict[int, list[float]] = {}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    try:
+        for server in servers:
+            server.start(RESULTS / f"llama31_8b-{server.name.replace(' ', '_')}.log")
+        for server in servers:
+            server.wait_ready("/health")
+            streams(server, 1, 4, "warm-up")  # weights paged in, buffers allocated
+        bare.run(4)
+        for round_ in range(args.rounds):
+            order = servers[round_ % 2 :] + servers[: round_ % 2]
+            for server in order:
+                label = f"round {round_} {server.name}"
+                ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
+                for level in levels:
+                    before = engine_seconds(ours) if server is ours else (0.0, 0.0)
+                    results, wall = streams(server, level, args.tokens, f"{label} level {level}")
+                    decode.setdefault((server.name, level), []).append(
+                        statistics.median(decode_rate(r) for r in results)
+                    )
+                    aggregate.setdefault((server.name, level), []).append(sum(r.tokens for r in results) / wall)
+                    if args.gpu:
+                        sample_vram(servers, vram)
+                    if server is ours:
+                        busy, inside = (a - b for a, b in zip(engine_seconds(ours), before, strict=True))
+                        overhead.setdefault(level, []).append(100 * (busy - inside) / busy)
+            prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
+            ttft["bare llama_decode"].append(bare.run(1, prompt).ttft_s)
+            decode.setdefault(("bare llama_decode", 1), []).append(bare.run(args.tokens).decode_tps)
+        peaks = {server.name: peak_rss_gib(server.process.pid) for server in servers if server.process}
+    finally:
+        for server in servers:
+            server.stop()
+    peaks["bare llama_decode"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+    lines = [
+        f"model {path.name}, {args.threads} threads, {slots} slots of {CTX} tokens, {args.tokens} tokens per stream, "
+        f"{args.rounds} rounds taking turns; median (min-max)",
+        "",
+        "| | this server | llama-server | bare llama_decode | vs llama-server | vs bare |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+
+    def row(name: str, cells: dict[str, list[float]], lower_is_better: bool = False, digits: int = 1) -> None:
+        names = ("this server", "llama-server", "bare llama_decode")
+        shown = [summary(cells[c], digits) if c in cells else "-" for c in names]
+        ratios = []
+        for peer in ("llama-server", "bare llama_decode"):
+            if peer not in cells:
+                ratios.append("-")
+                continue
+            ours_, theirs = statistics.median(cells["this server"]), statistics.median(cells[peer])
+            ratios.append(f"{(theirs / ours_ if lower_is_better else ours_ / theirs):.2f}x")
+        lines.append(f"| {name} | {' | '.join(shown)} | {' | '.join(ratios)} |")
+
+    row(f"TTFT, {PROMPT_TOKENS}-token prompt, s", ttft, lower_is_better=True, digits=2)
+    for level in levels:
+        names = ("this server", "llama-server", "bare llama_decode")
+        row(f"decode tok/s per stream, {level} streams", {n: decode[n, level] for n in names if (n, level) in decode})
+        row(f"aggregate tok/s, {level} streams", {n: aggregate[n, level] for n in names if (n, level) in aggregate})
+    lines.append(
+        f"| peak RSS, GiB | {peaks['this server']:.2f} | {peaks['llama-server']:.2f} | "
+        f"{peaks['bare llama_decode']:.2f} | | |"
+    )
+    if vram:
+        lines.append(
+            f"| peak VRAM seen, GiB | {vram.get('this server', 0):.2f} | {vram.get('llama-server', 0):.2f} | | | |"
+        )
+    lines.append("")
+    shares = ", ".join(f"{summary(values)}% at {level} streams" for level, values in overhead.items())
+    lines.append(f"This server's engine time outside llama_decode: {shares}")
+    markdown = "\n".join(lines)
+    print(markdown)
+    (RESULTS / "llama31_8b.md").write_text(markdown + "\n")
+
+
+if __name__ == "__main__":
+    main()
