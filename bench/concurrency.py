@@ -268,6 +268,7 @@ def main() -> None:
     cli.add_argument("--requests", type=int, default=2, help="requests per client at each level")
     cli.add_argument("--tokens", type=int, default=128)
     cli.add_argument("--without", action="append", default=[], help="leave out a contender, e.g. llama_cpp.server")
+    cli.add_argument("--server-args", default="", help="more flags for this server, e.g. '--kv-layout slots'")
     args = cli.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -276,6 +277,9 @@ def main() -> None:
     servers = [
         s for s in contenders(model_path, args.model, args.threads, args.slots, args.ctx) if s.name not in args.without
     ]
+    for s in servers:
+        if s.name == "this server":
+            s.command += args.server_args.split()
     health = {"this server": "/health", "llama-server": "/health", "llama_cpp.server": "/v1/models"}
     try:
         for s in servers:
