@@ -188,13 +188,23 @@ class Schemas:
     def __init__(self, root: dict[str, Any], layout: Layout) -> None:
         self.root = root
         self.layout = layout
-        # Keyed by content: resolve() builds a new dict for every merged alternative, so an id() could name a
-        # collected one's successor.
-        self._shortest: dict[str, bytes | None] = {}
-        self._busy: set[str] = set()
+        # Resolved once per schema node, each kept with the node it came from: the alternatives a merge builds then
+        # stay alive and the same objects, so the shortest values can be keyed by their identity.
+        self._resolved: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
+        self._shortest: dict[int, bytes | None] = {}
+        self._busy: set[int] = set()
 
     def resolve(self, schema: Any) -> list[dict[str, Any]]:
-        """A schema as the alternatives it allows: $ref followed, anyOf/oneOf flattened, a list of types split."""
+        """A schema as the alternatives it allows: $ref followed, anyOf/oneOf flattened, a list of types split.
+        The list is shared between calls: read it, do not change it."""
+        known = self._resolved.get(id(schema))  # a node in the cache is alive, so no other object has its id
+        if known is not None:
+            return known[1]
+        alternatives = self._resolve(schema)
+        self._resolved[id(schema)] = (schema, alternatives)
+        return alternatives
+
+    def _resolve(self, schema: Any) -> list[dict[str, Any]]:
         if schema is True or schema is None:
             return [{}]
         if schema is False:
@@ -245,7 +255,7 @@ class Schemas:
         """The shortest valid text for a schema; None when there is none to be found (a recursion with no exit)."""
         best = None
         for alternative in self.resolve(schema):
-            key = json.dumps(alternative, sort_keys=True, default=str)
+            key = id(alternative)
             if key not in self._shortest:
                 if key in self._busy:
                     continue
