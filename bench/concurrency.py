@@ -60,6 +60,7 @@ class Contender:
     request: Callable[[str, int], tuple[str, dict]]  # prompt, max tokens -> path, body
     text_of: Callable[[dict], str | None]  # an SSE event's text, or None when it carries none
     is_end: Callable[[str], bool]  # the raw data line that closes a stream
+    health: str = "/health"  # answers 200 once the server is ready
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -69,12 +70,12 @@ class Contender:
     def start(self, log: Path) -> None:
         self.process = subprocess.Popen(self.command, cwd=PROJECT_ROOT, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
-    def wait_ready(self, health: str) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             assert self.process and self.process.poll() is None, f"{self.name} exited"
             try:
-                if httpx.get(self.url + health, timeout=2).status_code == 200:
+                if httpx.get(self.url + self.health, timeout=2).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -210,7 +211,27 @@ def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int
         lambda p, n: ("/v1/completions", {"prompt": p, "max_tokens": n, "temperature": 0, "stream": True}),
         lambda e: (e.get("choices") or [{}])[0].get("text"),
         lambda d: d == "[DONE]",
+        health="/v1/models",
     )
+
+
+def start_all(contenders: list[Contender], log_prefix: str) -> None:
+    """Start every contender (logs in RESULTS/<log_prefix><name>.log), then wait until each is ready."""
+    for contender in contenders:
+        contender.start(RESULTS / f"{log_prefix}{contender.name.replace(' ', '_')}.log")
+    for contender in contenders:
+        contender.wait_ready()
+
+
+def run_clients(count: int, client: Callable[[int], None]) -> float:
+    """Run `client(0)` .. `client(count - 1)` at once, each in a thread of its own; returns the wall seconds."""
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 def engine_seconds(contender: Contender) -> tuple[float, float]:
@@ -221,6 +242,13 @@ def engine_seconds(contender: Contender) -> tuple[float, float]:
             name, value = line.split()
             values[name] = float(value)
     return values["workers_ai_engine_busy_seconds"], values["workers_ai_engine_decode_seconds"]
+
+
+def outside_decode_percent(contender: Contender, since: tuple[float, float]) -> float:
+    """The engine's own share of its working time since `since` (an earlier engine_seconds): all that is not
+    llama_decode, in percent."""
+    busy, inside = (now - then for now, then in zip(engine_seconds(contender), since, strict=True))
+    return 100 * (busy - inside) / busy
 
 
 def run_level(contender: Contender, concurrency: int, requests: int, tokens: int, first: int = 1) -> dict:
@@ -234,13 +262,7 @@ def run_level(contender: Contender, concurrency: int, requests: int, tokens: int
                 with lock:
                     results.append(result)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_clients(concurrency, client)
     ttfts = sorted(r.ttft for r in results if r.ttft is not None)
     gaps = [g for r in results for g in r.gaps]
     return {
@@ -280,12 +302,8 @@ def main() -> None:
     for s in servers:
         if s.name == "this server":
             s.command += args.server_args.split()
-    health = {"this server": "/health", "llama-server": "/health", "llama_cpp.server": "/v1/models"}
     try:
-        for s in servers:
-            s.start(RESULTS / f"{s.name.replace(' ', '_')}.log")
-        for s in servers:
-            s.wait_ready(health[s.name])
+        start_all(servers, "")
         for s in servers:  # warm-up, on a prompt no measured request uses
             run_level(s, 1, 1, 16, first=500_000)
         runs: dict[str, dict[int, list[dict]]] = {s.name: {} for s in servers}
@@ -296,9 +314,8 @@ def main() -> None:
                 # keeps prompts in RAM) must not turn a repeated level into a measure of caching.
                 before = engine_seconds(s) if s.name == "this server" else None
                 run = run_level(s, level, args.requests, args.tokens, first=1 + 1_000_000 * i)
-                if before:  # the engine's own share of its working time: all that is not llama_decode
-                    busy, inside = (a - b for a, b in zip(engine_seconds(s), before, strict=True))
-                    run["outside_decode_pct"] = 100 * (busy - inside) / busy
+                if before:
+                    run["outside_decode_pct"] = outside_decode_percent(s, before)
                 runs[s.name].setdefault(level, []).append(run)
                 print(f"{s.name:<17} c={level:<3} {run}", file=sys.stderr)
     finally:

@@ -22,18 +22,25 @@ import argparse
 import resource
 import statistics
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import httpx
-from concurrency import LLAMA_SERVER, Contender, Result, contenders, engine_seconds
+from concurrency import (
+    LLAMA_SERVER,
+    RESULTS,
+    Contender,
+    Result,
+    contenders,
+    engine_seconds,
+    outside_decode_percent,
+    run_clients,
+    start_all,
+)
 from local_server import model_source
 from single_stream import BareLoop
 
-from server.config import PROJECT_ROOT, physical_cores
+from server.config import physical_cores
 
-RESULTS = PROJECT_ROOT / "bench" / "results"
 PROMPT_TOKENS = 512
 CTX = 1024  # per slot: the long prompt and its answer, or a short prompt and many tokens
 
@@ -54,13 +61,7 @@ def streams(contender: Contender, count: int, tokens: int, label: str) -> tuple[
         with httpx.Client() as http:
             results[index] = contender.stream(http, prompt, tokens)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(count)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return results, time.perf_counter() - started
+    return results, run_clients(count, client)
 
 
 def first_token_seconds(server: Contender, prompt: str) -> float:
@@ -124,10 +125,8 @@ def main() -> None:
     overhead: dict[int, list[float]] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
+        start_all(servers, "llama31_8b-")
         for server in servers:
-            server.start(RESULTS / f"llama31_8b-{server.name.replace(' ', '_')}.log")
-        for server in servers:
-            server.wait_ready("/health")
             streams(server, 1, 4, "warm-up")  # weights paged in, buffers allocated
         bare.run(4)
         for round_ in range(args.rounds):
@@ -145,8 +144,7 @@ def main() -> None:
                     if args.gpu:
                         sample_vram(servers, vram)
                     if server is ours:
-                        busy, inside = (a - b for a, b in zip(engine_seconds(ours), before, strict=True))
-                        overhead.setdefault(level, []).append(100 * (busy - inside) / busy)
+                        overhead.setdefault(level, []).append(outside_decode_percent(ours, before))
             prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
             ttft["bare llama_decode"].append(bare.run(1, prompt).ttft_s)
             decode.setdefault(("bare llama_decode", 1), []).append(bare.run(args.tokens).decode_tps)

@@ -24,7 +24,7 @@ import sys
 import time
 
 import httpx
-from concurrency import RESULTS, Contender, run_level
+from concurrency import RESULTS, Contender, run_level, start_all
 from local_server import free_port
 
 RUN = "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
@@ -84,10 +84,7 @@ def main() -> None:
     deployments = [ray, whole, single]
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
-        for d in deployments:
-            d.start(RESULTS / f"ray_serve-{d.name.replace(' ', '_')}.log")
-        for d in deployments:
-            d.wait_ready("/health")
+        start_all(deployments, "ray_serve-")
         wait_all_replicas(ray.url, 2)
         for d in deployments:  # warm-up on prompts no measured request uses
             run_level(d, 2, 1, 8, first=900_000)
