@@ -55,6 +55,26 @@ def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
         assert joining.result()["usage"]["prompt_tokens"] > 500
 
 
+def test_a_prompt_computed_while_streams_wait_gives_what_it_gives_alone(tmp_path):
+    # In the slots layout an idle server computes several prompt blocks per call and a busy one, at the smallest
+    # stall bound, one block a step; the outputs must not tell which. 16-token blocks take ggml's small-batch
+    # attention kernel, so a call may hold three of them, never four (see ATTENTION_QUERY_TILE).
+    args = ("--kv-layout", "slots", "--parallel", "2", "--ctx-size", "2048", "--prefill-block", "16")
+    prompt = "The history of the world, told briefly: " + "and then more happened, " * 40
+    with ServerProcess(tmp_path / "slots.log", *args, "--max-stall-ms", "1") as proc:
+        assert complete(proc.url, prompt, raw=True, max_tokens=1)["usage"]["prompt_tokens"] > 200
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(complete, proc.url, COUNTING, raw=True, max_tokens=400)
+            wait_for(proc.url, "slots_busy", 1)
+            # A different first block, so nothing of it is cached: all of it is computed beside the stream.
+            joined = pool.submit(complete, proc.url, "Briefly. " + prompt, raw=True, max_tokens=16).result()
+            assert not running.done()
+            assert running.result()["usage"]["completion_tokens"] == 400
+        assert joined["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    with ServerProcess(tmp_path / "fresh.log", *args) as fresh:
+        assert complete(fresh.url, "Briefly. " + prompt, raw=True, max_tokens=16)["response"] == joined["response"]
+
+
 def test_shared_prefix_is_reused_and_reported(client):
     block = client.get("/health").json()["prefill_block"]
     system = "You are a meticulous assistant. " * 20

@@ -47,8 +47,9 @@ log = logging.getLogger("server.engine")
 # Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and
 # of prefix reuse. llama.cpp's kernels do not give bit-identical results for every split of a prompt (attention
 # takes a different path for a handful of queries than for many), so a prompt split one way on a cold cache and
-# another way around a reused prefix could sample differently at temperature 0. In the slots layout each block has
-# a decode call of its own, so every position is computed the same way whatever was cached and whatever else runs.
+# another way around a reused prefix could sample differently at temperature 0. In the slots layout every block is
+# computed as it would be in a call of its own (see _slot_chunk), so every position is computed the same way
+# whatever was cached and whatever else runs.
 # In the pool layout, where attention over the shared cells already ties a request's sums to its neighbours, a call
 # takes as many whole blocks as its budget allows (see _step_pool).
 # A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU needs
@@ -62,6 +63,11 @@ CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 4))  # (u
 # time), as a moving average with this weight for the newest.
 RATE_WEIGHT = 0.3
 MEASURED_PREFILL = 4
+# ggml's CPU attention takes one kernel for calls of fewer than this many queries per sequence and another, tiled
+# one (GGML_FA_TILE_Q) from this many on; each sums in its own order. Within one kernel a position's result does not
+# depend on how many blocks share its call (measured bit for bit on both models), so the slots layout puts several
+# blocks of a prompt into one call only where that keeps them in the kernel a block alone would take.
+ATTENTION_QUERY_TILE = 64
 
 
 def prefill_block_for(n_params: int, gpu: bool) -> int:
@@ -299,6 +305,11 @@ class Engine:
         return self.model.context_window if self.model else 0
 
     @property
+    def kv_layout(self) -> str | None:
+        """The KV layout in use, `pool` or `slots` (`auto` resolved once the model is loaded)."""
+        return self.model.kv_layout if self.model else None
+
+    @property
     def kv_size(self) -> int:
         """KV cache cells shared by every request."""
         return self.model.kv_size if self.model else 0
@@ -389,7 +400,7 @@ class Engine:
             "model ready: %s (%s), %s of %d tokens (%s) for %d requests at once, up to %d tokens each, %d threads%s",
             path.name,
             self.model.description,
-            "one KV pool" if self.model.shared_pool else "KV cache in slots",
+            "one KV pool" if self.model.shared_pool else f"KV cache in {self.model.n_seq} slots",
             self.model.kv_size,
             self.model.cache_type,
             self.model.n_seq,
@@ -434,7 +445,7 @@ class Engine:
             if not free:
                 break
             job = self._waiting[0]
-            slot = self._pick_slot(free, job)
+            slot = self._pick_slot(slots, free, job)
             if not self._make_room(slots, slot, job):
                 break  # it waits, first in line, for running requests to give cells back
             self._waiting.popleft()
@@ -466,19 +477,36 @@ class Engine:
             evicted.keep(self.model, 0)
         return True
 
-    def _pick_slot(self, free: list[Slot], job: _Job) -> Slot:
+    def _pick_slot(self, slots: list[Slot], free: list[Slot], job: _Job) -> Slot:
         session = job.request.session
         if session is not None:
             for slot in free:
                 if slot.session == session:
                     return slot
-        # The most reusable blocks win; among equals, a slot no conversation claims, then an empty one, then the
+        # The most reusable blocks win; among equals, a slot no conversation claims; then, in the slots layout, the
+        # one that leaves the busy slots in the fewest runs of consecutive sequence ids: llama.cpp decodes only
+        # consecutive streams in one pass, so every gap costs a pass over the weights (measured on the embedded
+        # model: 8 streams spread over 16 slots take 1.7x the step of 8 packed ones). Then an empty slot, then the
         # least recently used (so that conversations taking turns do not evict each other's prefixes), then the
-        # lowest sequence id: llama.cpp puts only consecutive sequence ids into one micro-batch, so busy slots
-        # packed together decode in one pass where scattered ones take a pass per gap.
+        # lowest sequence id. In the pool layout one pass takes any sequences, and packing is not weighed.
+        busy = {s.seq_id for s in slots if s.job is not None}
+
+        def runs_with(slot: Slot) -> int:
+            if self.model is None or self.model.shared_pool:
+                return 0
+            ids = busy | {slot.seq_id}
+            return sum(1 for i in ids if i - 1 not in ids)
+
         return max(
             free,
-            key=lambda s: (self._reusable(s, job), s.session is None, not s.cached, -s.last_used, -s.seq_id),
+            key=lambda s: (
+                self._reusable(s, job),
+                s.session is None,
+                -runs_with(s),
+                not s.cached,
+                -s.last_used,
+                -s.seq_id,
+            ),
         )
 
     def _reusable(self, slot: Slot, job: _Job) -> int:
@@ -569,9 +597,10 @@ class Engine:
         self, slots: list[Slot], streams: dict[Path | None, list[tuple[Slot, list[int]]]], batch: llama.llama_batch
     ) -> None:
         """Slots layout: the running streams in one decode call per adapter, then prompts by whole blocks within
-        the step's budget. llama.cpp gives each sequence its own attention stream here and splits a batch into
-        equal shares per sequence, so a block shares a call only with blocks of its own length: each is then
-        computed exactly as it would be alone, whatever else runs and whatever was cached."""
+        the step's budget (see _slot_chunk). llama.cpp gives each sequence its own attention stream here and
+        splits a batch into equal shares per sequence, so a slot's chunk shares a call only with chunks of its own
+        length: each block is then computed exactly as it would be alone, whatever else runs and whatever was
+        cached."""
         assert self.model is not None
         self._generate_seconds = 0.0
         for adapter, work in streams.items():
@@ -579,12 +608,12 @@ class Engine:
                 self._generate_seconds += self._decode(batch, work)
         budget = self._prefill_budget(streams_waiting=bool(streams))
         while budget > 0:
-            blocks: dict[tuple[int, Path | None], list[Slot]] = {}
+            chunks: dict[tuple[int, Path | None], list[Slot]] = {}
             for slot in self._prefilling(slots):
-                blocks.setdefault((self._next_block(slot), slot.adapter), []).append(slot)
-            if not blocks:
+                chunks.setdefault((self._slot_chunk(slot, budget), slot.adapter), []).append(slot)
+            if not chunks:
                 return
-            (size, adapter), group = next(iter(blocks.items()))
+            (size, adapter), group = next(iter(chunks.items()))
             group = group[: max(1, budget // size)]
             if size * len(group) > budget:
                 return
@@ -621,6 +650,20 @@ class Engine:
             return len(slot.pending)
         end = (len(slot.cached) + max(0, budget)) // self.prefill_block * self.prefill_block
         return max(0, end - len(slot.cached))
+
+    def _slot_chunk(self, slot: Slot, budget: int) -> int:
+        """Slots layout: the slot's prompt tokens for its next call. As many whole blocks as `budget` allows, each
+        computed as it would be in a call of its own: blocks under ATTENTION_QUERY_TILE tokens share a call only
+        while it stays under that many, larger ones any number. Otherwise the next block alone, which is also how
+        a prompt's last, shorter block always goes."""
+        block = self.prefill_block
+        if len(slot.cached) % block:
+            return self._next_block(slot)
+        per_call = max(1, budget // block)
+        if block < ATTENTION_QUERY_TILE:
+            per_call = min(per_call, max(1, (ATTENTION_QUERY_TILE - 1) // block))
+        whole = min(len(slot.pending) // block, per_call)
+        return whole * block if whole else self._next_block(slot)
 
     def _next_block(self, slot: Slot) -> int:
         """How many prompt tokens the slot's next block holds: up to the next block boundary."""
