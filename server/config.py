@@ -61,7 +61,7 @@ class Settings:
     ctx_size: int = 0
     kv_size: int = 0
     cache_type: str = "f16"
-    kv_layout: str = "pool"
+    kv_layout: str = "auto"
     threads: int = 0
     batch_size: int = 512
     max_stall_ms: int = 1000
@@ -110,8 +110,10 @@ OPTIONS: dict[str, Option] = {
     "kv_layout": Option(
         "--kv-layout",
         "WAI_KV_LAYOUT",
-        "pool: one KV pool for every request (long contexts, memory shared); slots: each request slot its own "
-        "--ctx-size of KV (default 8192), where outputs never depend on what else runs or is cached",
+        "auto: slots where every slot can hold the whole window in the memory a default pool would take, else "
+        "pool; pool: one KV pool for every request (long contexts, memory shared); slots: each request slot its "
+        "own --ctx-size of KV (default 8192), faster with many streams, and outputs never depend on what else "
+        "runs or is cached",
     ),
     "cache_type": Option(
         "--cache-type", "WAI_CACHE_TYPE", "KV cache element type for K and V: f16, q8_0 (about half) or q4_0"

@@ -23,6 +23,7 @@ def health_report(engine: Engine) -> dict[str, object]:
         "slots_busy": engine.busy_slots,
         "queue_depth": engine.queue_depth,
         "context_window": engine.context_window,
+        "kv_layout": engine.kv_layout,
         "kv_size": engine.kv_size,
         "kv_reserved": engine.kv_reserved,
         "prefill_block": engine.prefill_block,
