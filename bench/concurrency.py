@@ -19,6 +19,7 @@ table, a JSON file and a PNG plot of tokens/s against concurrency to bench/resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import subprocess
@@ -291,6 +292,7 @@ def main() -> None:
     cli.add_argument("--tokens", type=int, default=128)
     cli.add_argument("--without", action="append", default=[], help="leave out a contender, e.g. llama_cpp.server")
     cli.add_argument("--server-args", default="", help="more flags for this server, e.g. '--kv-layout slots'")
+    cli.add_argument("--pool-too", action="store_true", help="also this server in the pool layout, taking turns")
     args = cli.parse_args()
     levels = [int(n) for n in args.levels.split(",")]
 
@@ -302,6 +304,12 @@ def main() -> None:
     for s in servers:
         if s.name == "this server":
             s.command += args.server_args.split()
+    if args.pool_too:
+        ours = servers[0]
+        port = free_port()
+        command = [*ours.command, "--kv-layout", "pool"]
+        command[command.index("--port") + 1] = str(port)
+        servers.insert(1, dataclasses.replace(ours, name="this server, pool", command=command, port=port))
     try:
         start_all(servers, "")
         for s in servers:  # warm-up, on a prompt no measured request uses
@@ -312,7 +320,7 @@ def main() -> None:
             for s in order:
                 # Prompts no earlier level used, the same for every server: a server's prompt cache (llama-server
                 # keeps prompts in RAM) must not turn a repeated level into a measure of caching.
-                before = engine_seconds(s) if s.name == "this server" else None
+                before = engine_seconds(s) if s.name.startswith("this server") else None
                 run = run_level(s, level, args.requests, args.tokens, first=1 + 1_000_000 * i)
                 if before:
                     run["outside_decode_pct"] = outside_decode_percent(s, before)
@@ -352,12 +360,21 @@ def main() -> None:
                 f"{fmt(row['ttft_p95_ms'])} | {fmt(row['itl_p50_ms'], 2)} | {row['failed']} | "
                 f"{row['truncated']}/{row['requests']} |"
             )
-    for level, rows in runs.get("this server", {}).items():
-        shares = sorted(r["outside_decode_pct"] for r in rows)
-        lines.append(
-            f"\nThis server, {level} clients: engine time outside llama_decode {statistics.median(shares):.1f}% "
-            f"({shares[0]:.1f}-{shares[-1]:.1f}%)"
-        )
+    for name in (n for n in runs if n.startswith("this server")):
+        for level, rows in runs[name].items():
+            shares = sorted(r["outside_decode_pct"] for r in rows)
+            lines.append(
+                f"\n{name}, {level} clients: engine time outside llama_decode {statistics.median(shares):.1f}% "
+                f"({shares[0]:.1f}-{shares[-1]:.1f}%)"
+            )
+            peer = runs.get("llama-server", {}).get(level)
+            if peer and len(peer) == len(rows):  # the runs of a repeated level, in the order they took turns
+                ratios = [r["tokens_per_s"] / q["tokens_per_s"] for r, q in zip(rows, peer, strict=True)]
+                lines.append(
+                    f"{name} / llama-server, {level} clients, run by run: "
+                    + ", ".join(f"{x:.2f}x" for x in ratios)
+                    + f" (median {statistics.median(ratios):.2f}x)"
+                )
     markdown = "\n".join(lines)
     print(markdown)
     (RESULTS / "concurrency.md").write_text(markdown + "\n")

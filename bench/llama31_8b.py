@@ -112,8 +112,7 @@ def main() -> None:
     slots = max(levels)
     path = Path(model_source(args.model))
     servers = [c for c in contenders(path, str(path), args.threads, slots, CTX) if c.name != "llama_cpp.server"]
-    ours = servers[0]
-    ours.command += ["--kv-size", str(slots * CTX)]  # llama-server's -c: the same KV cells for both
+    ours = servers[0]  # --parallel 8 --ctx-size 1024: the slots layout, as llama-server's -np 8 -c 8192
     if args.gpu:  # this server and the bare loop offload every layer by default; llama-server is told
         servers[1].command += ["-ngl", "999"]
     vram: dict[str, float] = {}

@@ -31,6 +31,7 @@ def long_prompt(tokens_wanted: int, tag: str) -> str:
 def test_one_request_may_use_more_than_a_slots_former_share(pool):
     health = httpx.get(pool.url + "/health").json()
     assert (health["kv_size"], health["context_window"], health["slots"]) == (4096, 4096, 4)
+    assert health["kv_layout"] == "pool"  # --kv-size always means a pool
     body = {"prompt": long_prompt(2400, "one"), "raw": True, "max_tokens": 8, "temperature": 0}
     result = assert_ok(httpx.post(pool.url + run_url(), json=body, timeout=120))
     assert result["usage"]["prompt_tokens"] > 4096 // 4  # more than the 1024 tokens a slot used to hold

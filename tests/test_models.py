@@ -138,6 +138,8 @@ def test_environment_configures_and_flags_win(tmp_path):
         health = httpx.get(proc.url + "/health").json()
         assert health["slots"] == 2
         assert health["context_window"] == 768
+        # The default layout: two slots of 768 cells fit in any pool's memory, so each slot has its own stream.
+        assert (health["kv_layout"], health["kv_size"]) == ("slots", 2 * 768)
     finally:
         proc.stop()
     # Threads default to the physical cores of this machine.

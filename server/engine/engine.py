@@ -3,16 +3,17 @@
 Requests become jobs in a bounded wait queue. The engine thread admits them into free slots and, at each step,
 advances every generating slot by one token together (continuous batching) and newly admitted prompts by whole
 blocks within the step's token budget (sized by `--max-stall-ms` at the measured prompt speed), so a long prompt
-never stalls the streams already running for more than a step. In the default pool layout both go into one
-`llama_decode`; in the slots layout prompts get calls of their own. Each slot samples with its own native
-sampler chain.
+never stalls the streams already running for more than a step. In the pool layout both go into one
+`llama_decode`; in the slots layout (which `--kv-layout auto` picks wherever every slot can hold the whole window)
+prompts get calls of their own. Each slot samples with its own native sampler chain.
 
 A slot keeps its KV cache after a request ends. A new request goes to the free slot that already holds the
 longest prefix of its prompt (or to its conversation's slot, named by a session key), and only the rest of
 the prompt is computed; an exact repeat of a cached prompt computes nothing (the slot kept the logits of the
-prompt's last token). All slots share one KV pool (`--kv-size` cells, llama.cpp's unified cache): a request is
-admitted when the pool can hold its prompt and its max_tokens beside what running requests may still come to
-hold, idle slots' caches giving way least recently used first; until then it waits in the queue.
+prompt's last token). In the pool layout all slots share one KV pool (`--kv-size` cells, llama.cpp's unified
+cache): a request is admitted when the pool can hold its prompt and its max_tokens beside what running requests
+may still come to hold, idle slots' caches giving way least recently used first; until then it waits in the queue.
+In the slots layout each slot has a KV stream of its own.
 
 The asyncio side sees `Engine.submit`, iteration over a `Generation`, and `Generation.cancel`.
 """

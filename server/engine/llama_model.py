@@ -158,7 +158,8 @@ class LlamaModel:
         self.plan = self._plan_memory(settings, element_bytes)
         if self.plan.total > self.plan.available and not self.gpu_offload:
             llama.llama_model_free(self.model)
-            raise ModelLoadError(f"this layout does not fit in memory: {self.plan.describe()}; lower --kv-size")
+            fix = "lower --kv-size" if self.shared_pool else "lower --ctx-size or --parallel"
+            raise ModelLoadError(f"this layout does not fit in memory: {self.plan.describe()}; {fix}")
         # The pool layout is one set of KV cells for every request (llama.cpp's unified KV cache): a request may use
         # up to its context window, and many short ones share the same memory. But attention then runs over the
         # pool's occupied extent and a request's cells lie wherever room was, and llama.cpp's kernels do not sum
