@@ -57,11 +57,12 @@ def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
 
 def test_a_prompt_computed_while_streams_wait_gives_what_it_gives_alone(tmp_path):
     # In the slots layout an idle server computes several prompt blocks per call and a busy one, at the smallest
-    # stall bound, one block a step; the outputs must not tell which. 16-token blocks take ggml's small-batch
-    # attention kernel, so a call may hold three of them, never four (see ATTENTION_QUERY_TILE).
+    # stall bound, one block a step; the outputs must not tell which. Blocks of 16 tokens, under ggml's flash
+    # attention tile, turn flash attention off in this layout, so an idle server takes the whole prompt in one call.
     args = ("--kv-layout", "slots", "--parallel", "2", "--ctx-size", "2048", "--prefill-block", "16")
     prompt = "The history of the world, told briefly: " + "and then more happened, " * 40
     with ServerProcess(tmp_path / "slots.log", *args, "--max-stall-ms", "1") as proc:
+        assert httpx.get(f"{proc.url}/health").json()["flash_attention"] is False
         assert complete(proc.url, prompt, raw=True, max_tokens=1)["usage"]["prompt_tokens"] > 200
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(complete, proc.url, COUNTING, raw=True, max_tokens=400)

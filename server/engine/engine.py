@@ -39,36 +39,34 @@ import numpy as np
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
 from .grammar import PYTHON_TAG, Grammar
-from .llama_model import AdapterError, ContextSettings, DecodeError, LlamaModel
+from .llama_model import ATTENTION_QUERY_TILE, AdapterError, ContextSettings, DecodeError, LlamaModel
 from .sampler import Sampler, SamplingParams
 from .structured import Constraint, Vocabulary
 
 log = logging.getLogger("server.engine")
 
 # Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and
-# of prefix reuse. llama.cpp's kernels do not give bit-identical results for every split of a prompt (attention
-# takes a different path for a handful of queries than for many), so a prompt split one way on a cold cache and
-# another way around a reused prefix could sample differently at temperature 0. In the slots layout every block is
-# computed as it would be in a call of its own (see _slot_chunk), so every position is computed the same way
-# whatever was cached and whatever else runs.
+# of prefix reuse. llama.cpp's kernels do not give bit-identical results for every split of a prompt (flash
+# attention takes a different path for a handful of queries than for many), so a prompt split one way on a cold
+# cache and another way around a reused prefix could sample differently at temperature 0. In the slots layout every
+# block is computed as it would be in a call of its own (see _slot_chunk and LlamaModel.flash_attention), so every
+# position of a whole block is computed the same way whatever was cached and whatever else runs.
 # In the pool layout, where attention over the shared cells already ties a request's sums to its neighbours, a call
 # takes as many whole blocks as its budget allows (see _step_pool).
 # A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU needs
 # large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on a CPU
-# it shrinks as the model grows: on two cores an 8B model computes 4 prompt tokens in 0.5 s and 8 in 1.1-1.3 s,
-# at about the same tokens/s (measured on the 8B stand-in). The size follows from the model alone (never from
-# timings), so the same request splits the same way on every start.
+# it shrinks as the model grows. On two cores the 8B stand-in computes 4 prompt tokens a call in 0.45 s, 8 in
+# 1.0 s, 16 in 1.0-1.1 s and 256 in 14.4 s (bare llama_decode): 16 is where a call reaches its speed, and a
+# running stream's longest pause (a 16-token block beside its own 0.19 s step) stays near 1.3 s. Calls of 4 tokens
+# also sum differently from larger ones there (llama.cpp's repacked Q4_K kernels), so no block is that small.
+# The size follows from the model alone (never from timings), so the same request splits the same way on every
+# start.
 GPU_PREFILL_BLOCK = 512
-CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 4))  # (up to this many parameters, block)
+CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 16))  # (up to this many parameters, block)
 # Prompt speed is measured on the calls that compute blocks (at least this many tokens, fewer are too quick to
 # time), as a moving average with this weight for the newest.
 RATE_WEIGHT = 0.3
 MEASURED_PREFILL = 4
-# ggml's CPU attention takes one kernel for calls of fewer than this many queries per sequence and another, tiled
-# one (GGML_FA_TILE_Q) from this many on; each sums in its own order. Within one kernel a position's result does not
-# depend on how many blocks share its call (measured bit for bit on both models), so the slots layout puts several
-# blocks of a prompt into one call only where that keeps them in the kernel a block alone would take.
-ATTENTION_QUERY_TILE = 64
 
 
 def prefill_block_for(n_params: int, gpu: bool) -> int:
@@ -311,6 +309,11 @@ class Engine:
         return self.model.kv_layout if self.model else None
 
     @property
+    def flash_attention(self) -> bool | None:
+        """Whether attention runs as llama.cpp's flash attention (see LlamaModel.flash_attention)."""
+        return self.model.flash_attention if self.model else None
+
+    @property
     def kv_size(self) -> int:
         """KV cache cells shared by every request."""
         return self.model.kv_size if self.model else 0
@@ -382,7 +385,9 @@ class Engine:
     def _run(self) -> None:
         try:
             path = self.fetch_model()
-            self.model = LlamaModel(path, self.settings)
+            self.model = LlamaModel(
+                path, self.settings, lambda n_params, gpu: self._requested_block or prefill_block_for(n_params, gpu)
+            )
             self.template = ChatTemplate(
                 self.model.chat_template(),
                 bos_token=self.model.token_text(self.model.bos),
@@ -409,8 +414,13 @@ class Engine:
             self.model.n_threads,
             ", all layers on the GPU" if self.model.gpu_offload else "",
         )
+        log.info(
+            "prompts in blocks of %d tokens, attention %s",
+            self.model.prefill_block,
+            "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: any call sums alike",
+        )
         log.info("memory: %s", self.model.memory_report)
-        self.prefill_block = self._requested_block or prefill_block_for(self.model.n_params, self.model.gpu_offload)
+        self.prefill_block = self.model.prefill_block
         slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
         self.state = EngineState.READY
@@ -654,14 +664,16 @@ class Engine:
 
     def _slot_chunk(self, slot: Slot, budget: int) -> int:
         """Slots layout: the slot's prompt tokens for its next call. As many whole blocks as `budget` allows, each
-        computed as it would be in a call of its own: blocks under ATTENTION_QUERY_TILE tokens share a call only
-        while it stays under that many, larger ones any number. Otherwise the next block alone, which is also how
-        a prompt's last, shorter block always goes."""
+        computed as it would be in a call of its own: under flash attention, blocks under ATTENTION_QUERY_TILE
+        tokens share a call only while it stays under that many (ggml's CPU kernel sums a query differently from
+        there on), larger ones any number; without it (see LlamaModel.flash_attention) any number. Otherwise the
+        next block alone, which is also how a prompt's last, shorter block always goes."""
+        assert self.model is not None
         block = self.prefill_block
         if len(slot.cached) % block:
             return self._next_block(slot)
         per_call = max(1, budget // block)
-        if block < ATTENTION_QUERY_TILE:
+        if block < ATTENTION_QUERY_TILE and self.model.flash_attention:
             per_call = min(per_call, max(1, (ATTENTION_QUERY_TILE - 1) // block))
         whole = min(len(slot.pending) // block, per_call)
         return whole * block if whole else self._next_block(slot)

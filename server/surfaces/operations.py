@@ -27,6 +27,7 @@ def health_report(engine: Engine) -> dict[str, object]:
         "kv_size": engine.kv_size,
         "kv_reserved": engine.kv_reserved,
         "prefill_block": engine.prefill_block,
+        "flash_attention": engine.flash_attention,
     }
     if engine.error:
         body["error"] = engine.error
