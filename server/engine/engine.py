@@ -611,7 +611,10 @@ class Engine:
         the step's budget (see _slot_chunk). llama.cpp gives each sequence its own attention stream here and
         splits a batch into equal shares per sequence, so a slot's chunk shares a call only with chunks of its own
         length: each block is then computed exactly as it would be alone, whatever else runs and whatever was
-        cached."""
+        cached. The largest group of equal chunks goes first (the most tokens per pass over the weights). With no
+        stream running a step is one call: requests that arrived during it are admitted before the next, and
+        their prompts join the others' in shared calls, as llama-server batches prompts that arrive together,
+        instead of running one by one beside a stream that started a call earlier."""
         assert self.model is not None
         self._generate_seconds = 0.0
         for adapter, work in streams.items():
@@ -624,7 +627,7 @@ class Engine:
                 chunks.setdefault((self._slot_chunk(slot, budget), slot.adapter), []).append(slot)
             if not chunks:
                 return
-            (size, adapter), group = next(iter(chunks.items()))
+            (size, adapter), group = max(chunks.items(), key=lambda chunk: chunk[0][0] * len(chunk[1]))
             group = group[: max(1, budget // size)]
             if size * len(group) > budget:
                 return
@@ -633,6 +636,8 @@ class Engine:
                 group.sort(key=lambda s: s.seq_id)  # consecutive ids share a micro-batch (see _pick_slot)
                 seconds = self._decode(batch, [(slot, slot.pending[:size]) for slot in group])
                 self._measure_prefill(size * len(group), seconds)
+            if not streams:
+                return
 
     def _prefilling(self, slots: list[Slot]) -> list[Slot]:
         """Slots computing their prompt, first admitted first."""
