@@ -21,6 +21,7 @@ import httpx
 import pytest
 from conftest import MODEL, PROJECT_ROOT, ServerProcess
 from surfaces import Surface
+from test_generation import COUNTING
 from test_matrix import WEATHER, over
 from test_workers import _skip_reason, bundle, miniflare  # noqa: F401 (bundle: the fixture, shared)
 
@@ -234,7 +235,8 @@ def test_a_full_cluster_answers_429_in_the_routes_own_shape(http: httpx.Client, 
 
 def test_a_killed_replica_ends_its_answers_cleanly_and_is_replaced(http: httpx.Client, ray_server: ServerProcess):
     session = {"x-session-affinity": "doomed"}
-    long = {"prompt": "Count slowly from one to one thousand.", "max_tokens": 900, "temperature": 0}
+    # Raw counting runs until max_tokens; a chat request may be answered in a few tokens, before the kill.
+    long = {"prompt": COUNTING, "raw": True, "max_tokens": 900, "temperature": 0}
     before = http.get("/health").json()["replicas"]
     whole: dict[str, httpx.Response] = {}
     url = f"{ray_server.url}/ai/run/{MODEL}"
