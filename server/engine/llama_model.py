@@ -220,16 +220,16 @@ class LlamaModel:
         return per_token * element_bytes
 
     def _flash_attention(self, settings: ContextSettings) -> bool:
-        """Whether attention runs as llama.cpp's flash attention (llama.cpp's own choice, on a CPU) or as a
-        product of scores (kept in a buffer of n_batch x window x heads floats) and a softmax. On a CPU flash attention
-        sums a position one way in calls of fewer than ATTENTION_QUERY_TILE queries per sequence and another in
-        larger ones, so in the slots layout, where a position must come out the same whatever call computed it,
-        blocks smaller than the tile could never share a call of more, and a prompt on an idle server would take
-        a call per 60-odd tokens. Without it a position's sums do not depend on the call's size (checked bit for
-        bit on the embedded model and the 8B stand-in, for calls of whole multiples of 8 tokens), so the slots
-        layout on a CPU drops it where blocks are that small and the scores fit SCORES_LIMIT: an idle server then
-        computes a prompt in one call, as llama-server does. Where blocks are as large as the tile (small models)
-        flash attention stays: it computes prompts 5-15% faster there (measured on the embedded model)."""
+        """Whether attention runs as llama.cpp's flash attention (llama.cpp's own choice, on a CPU) or as a product of
+        scores (up to n_batch x window x heads floats in the compute buffer) and a softmax. On a CPU flash attention
+        sums a position one way in calls of fewer than ATTENTION_QUERY_TILE queries per sequence and another in larger
+        ones, so in the slots layout, where a position must come out the same whatever call computed it, blocks smaller
+        than the tile could never share a call of more, and a prompt on an idle server would take a call per 60-odd
+        tokens. Without it a position's sums do not depend on the call's size (checked bit for bit on the embedded model
+        and the 8B stand-in, for calls of whole multiples of 8 tokens), so the slots layout on a CPU drops it where
+        blocks are that small and the scores fit SCORES_LIMIT: an idle server then computes a prompt in one call, as
+        llama-server does. Where blocks are as large as the tile (small models) flash attention stays: it computes
+        prompts 5-15% faster there (measured on the embedded model)."""
         return (
             self.shared_pool
             or self.gpu_offload
@@ -239,8 +239,10 @@ class LlamaModel:
         )
 
     def _scores_bytes(self, settings: ContextSettings) -> int:
-        # Scores and their softmax, f32, for a whole batch of queries against a slot's whole window.
-        return 2 * settings.n_batch * self._slot_window(settings) * llama.llama_model_n_head(self.model) * 4
+        # The scores, f32, of a whole batch of queries against a slot's whole window: an upper bound (on the 8B
+        # stand-in llama.cpp allocated 306 MiB more compute at --ctx-size 8192 than with flash attention, against
+        # 512 MiB by this, and no more at --ctx-size 1024).
+        return settings.n_batch * self._slot_window(settings) * llama.llama_model_n_head(self.model) * 4
 
     def _slot_window(self, settings: ContextSettings) -> int:
         """The tokens each slot's stream holds in the slots layout."""
