@@ -178,7 +178,9 @@ def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path)
             between[stall], prompt_tokens = stream_tokens_while_a_prompt_joins(proc.url)
     blocks = -(-prompt_tokens // 64)
     assert blocks >= 12
-    # A token or two either way: the step running when the prompt arrives, and the last block's step, whose
-    # stream token and the newcomer's first token race to their clients.
-    assert between["1"] >= blocks - 2
+    # A few tokens either way: the step running when the prompt arrives, the step that passes while it is
+    # tokenized off the event loop, and the last block's step, whose stream token and the newcomer's first token
+    # race to their clients (9 of 12 seen on a fresh 2-core machine, on this code and the code before it). Still
+    # well apart from the unbounded case below.
+    assert between["1"] >= blocks - 3
     assert between["0"] <= 6
