@@ -57,7 +57,8 @@ log = logging.getLogger("server.engine")
 # large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on a CPU
 # it shrinks as the model grows. On two cores the 8B stand-in computes 4 prompt tokens a call in 0.45 s, 8 in
 # 1.0 s, 16 in 1.0-1.1 s and 256 in 14.4 s (bare llama_decode): 16 is where a call reaches its speed, and a
-# running stream's longest pause (a 16-token block beside its own 0.19 s step) stays near 1.3 s. Calls of 4 tokens
+# running stream's longest pause (a 16-token block beside its own 0.13-0.19 s step) was 1.52 s (bench/stall.py,
+# median of 3; 1.32-1.60). Calls of 4 tokens
 # also sum differently from larger ones there (llama.cpp's repacked Q4_K kernels), so no block is that small.
 # The size follows from the model alone (never from timings), so the same request splits the same way on every
 # start.
@@ -417,7 +418,7 @@ class Engine:
         log.info(
             "prompts in blocks of %d tokens, attention %s",
             self.model.prefill_block,
-            "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: any call sums alike",
+            "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: blocks sum alike",
         )
         log.info("memory: %s", self.model.memory_report)
         self.prefill_block = self.model.prefill_block
