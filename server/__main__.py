@@ -6,25 +6,17 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from .config import CATALOG_PATH, Settings, configure_logging, load_settings
-from .huge_pages import restart_with_huge_pages
+import uvicorn
+
+from .app import create_app, create_engine
+from .config import CATALOG_PATH, configure_logging, load_settings
+from .engine import EngineState
+from .model_store import ModelSourceError, ModelStore
+from .surfaces.binding import UpgradeProbeFilter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
-    if argv is None and settings.huge_pages:
-        restart_with_huge_pages()  # before llama.cpp and the web stack are even imported: re-executing is cheap
-    return serve(settings)
-
-
-def serve(settings: Settings) -> int:
-    import uvicorn
-
-    from .app import create_app, create_engine
-    from .engine import EngineState
-    from .model_store import ModelSourceError, ModelStore
-    from .surfaces.binding import UpgradeProbeFilter
-
     configure_logging(settings.log_level)
     log = logging.getLogger("server")
     if not settings.loopback and not (settings.api_token or settings.api_token_file):

@@ -69,7 +69,6 @@ class Settings:
     parallel: int = 4
     max_queue: int = 256
     gpu_layers: int = -1
-    huge_pages: int = 1
     max_body_bytes: int = 4 * 1024 * 1024
     lora_dir: str = str(Path.home() / ".cache" / "workers-ai-local" / "lora")
     api_token: str = ""
@@ -139,12 +138,6 @@ OPTIONS: dict[str, Option] = {
     ),
     "gpu_layers": Option(
         "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"
-    ),
-    "huge_pages": Option(
-        "--huge-pages",
-        "WAI_HUGE_PAGES",
-        "1 = llama.cpp's weights and KV cache in transparent huge pages where the system's THP mode is madvise (the "
-        "server re-executes itself once with GLIBC_TUNABLES=glibc.malloc.hugetlb=1); 0 = the system's default",
     ),
     "max_body_bytes": Option("--max-body-bytes", "WAI_MAX_BODY_BYTES", "largest request body accepted"),
     "lora_dir": Option(

@@ -30,8 +30,6 @@ pytest.importorskip("ray.serve", reason="Ray Serve is not installed: pip install
 import cloudflare
 import openai
 
-from server.huge_pages import thp_mode
-
 ACCOUNT = "0123456789abcdef0123456789abcdef"
 REPLICAS = 2
 PARALLEL = 2
@@ -194,8 +192,6 @@ def test_health_and_metrics_cover_every_replica(http: httpx.Client, bare: httpx.
     health = http.get("/health").json()
     assert health["status"] == "ready" and health["replicas_ready"] == REPLICAS == len(health["replicas"])
     assert all(r["slots"] == PARALLEL and r["pid"] > 0 for r in health["replicas"].values())
-    if thp_mode() == "madvise":  # started by Ray with glibc's malloc asking for huge pages, as the server is
-        assert all(r["huge_pages_mib"] > 0 for r in health["replicas"].values())
     text = http.get("/metrics").text
     labelled = set(re.findall(r'^workers_ai_requests_total\{.*replica="([^"]+)".*\} ', text, re.MULTILINE))
     assert labelled == set(health["replicas"])

@@ -36,7 +36,6 @@ from typing import Any
 import llama_cpp as llama
 import numpy as np
 
-from ..huge_pages import huge_page_bytes
 from .chat_template import ChatTemplate
 from .generation import Failed, Finished, FinishReason, Generation
 from .grammar import PYTHON_TAG, Grammar
@@ -421,8 +420,7 @@ class Engine:
             self.model.prefill_block,
             "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: blocks sum alike",
         )
-        huge_mib = huge_page_bytes() // 2**20
-        log.info("memory: %s; %d MiB of this process in huge pages", self.model.memory_report, huge_mib)
+        log.info("memory: %s", self.model.memory_report)
         self.prefill_block = self.model.prefill_block
         slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)

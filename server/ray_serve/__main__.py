@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.log_level)
     log = logging.getLogger("server.ray_serve")
     address = cluster_settings.ray_address
-    connection = cluster.Cluster(address, cluster.environment(address, server_argv, bool(settings.huge_pages)))
+    connection = cluster.Cluster(address, cluster.environment(address, server_argv))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -12,8 +12,6 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
-from server.huge_pages import tunables_with_huge_pages
-
 # Named in the proxy's environment: Serve calls it in each HTTP proxy to wrap its ASGI app (see proxy.py).
 PROXY_CALLBACK = "server.ray_serve.proxy.middlewares"
 # The server flags as given, for the proxy: it answers /metrics itself and must ask for the same API tokens.
@@ -26,7 +24,7 @@ def is_local(address: str) -> bool:
     return not address or host in ("127.0.0.1", "localhost")
 
 
-def environment(address: str, server_argv: Sequence[str], huge_pages: bool) -> dict[str, str]:
+def environment(address: str, server_argv: Sequence[str]) -> dict[str, str]:
     env = {
         "RAY_USAGE_STATS_ENABLED": "0",
         # The header Serve's proxy copies into a request's session id, which our router keeps on one replica.
@@ -40,11 +38,6 @@ def environment(address: str, server_argv: Sequence[str], huge_pages: bool) -> d
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         # Ray 2.60 turns token auth on by default and writes ~/.ray/auth_token; a loopback cluster needs none.
         env["RAY_AUTH_MODE"] = "disabled"
-    # What `python -m server` gets by re-executing itself (server/huge_pages.py): here every process Ray starts,
-    # the replicas included, is started with it.
-    tunables = tunables_with_huge_pages(os.environ) if huge_pages else None
-    if tunables is not None:
-        env["GLIBC_TUNABLES"] = tunables
     return env
 
 

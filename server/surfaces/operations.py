@@ -10,7 +10,6 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ..engine import Engine, EngineState
-from ..huge_pages import huge_page_bytes
 from ..metrics import ServerMetrics
 
 PLAYGROUND = Path(__file__).resolve().parent.parent / "playground.html"
@@ -29,7 +28,6 @@ def health_report(engine: Engine) -> dict[str, object]:
         "kv_reserved": engine.kv_reserved,
         "prefill_block": engine.prefill_block,
         "flash_attention": engine.flash_attention,
-        "huge_pages_mib": huge_page_bytes() // 2**20,
     }
     if engine.error:
         body["error"] = engine.error
