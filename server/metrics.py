@@ -11,6 +11,8 @@ from .engine import Engine, Generation
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Between tokens: a small model on a GPU to an 8B model on a laptop.
 ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+# llama_decode calls per prompt: one on an idle server, a block a step beside running streams under the stall bound.
+PROMPT_CALL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class ServerMetrics:
@@ -37,6 +39,12 @@ class ServerMetrics:
             "workers_ai_inter_token_seconds",
             "Between consecutive pieces of text of one request",
             buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.prompt_calls = Histogram(
+            "workers_ai_prompt_decode_calls",
+            "llama_decode calls that computed a request's prompt (requests with a prompt computed)",
+            buckets=PROMPT_CALL_BUCKETS,
             registry=self.registry,
         )
         queue = Gauge("workers_ai_queue_depth", "Requests waiting for a slot", registry=self.registry)
@@ -66,6 +74,8 @@ class ServerMetrics:
         self.prompt_tokens.inc(generation.prompt_tokens)
         self.cached_tokens.inc(generation.cached_tokens)
         self.completion_tokens.inc(generation.completion_tokens)
+        if generation.prompt_calls:
+            self.prompt_calls.observe(generation.prompt_calls)
         ttft = generation.time_to_first_piece
         if ttft is not None:
             self.ttft.observe(ttft)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ServerProcess, run_url
+from conftest import ServerProcess, metric, run_url
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
 
@@ -140,47 +140,36 @@ def test_a_repeat_with_sampling_is_the_same_as_a_cold_one(client, server, tmp_pa
         cold.stop()
 
 
-def stream_tokens_while_a_prompt_joins(url: str) -> tuple[int, int]:
-    """A stream runs; a ~768-token prompt arrives. Returns the stream's tokens between that prompt's submission
-    and its first token, and the prompt's token count."""
-    stamps: list[float] = []
-    joined: dict[str, float | int] = {}
-
-    def newcomer() -> None:
-        body = {"prompt": long_prompt(768, "joining"), "raw": True, "max_tokens": 1, "temperature": 0, "stream": True}
-        joined["submitted"] = time.perf_counter()
-        with httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {"):
-                    event = json.loads(line[6:])
-                    joined.setdefault("first", time.perf_counter())
-                    joined["prompt_tokens"] = event.get("usage", {}).get("prompt_tokens", 0)
-
+def prompt_calls_while_a_stream_runs(url: str) -> tuple[int, int]:
+    """A stream runs; a ~768-token prompt arrives. Returns the llama_decode calls that prompt took (the engine's own
+    count, from /metrics: nothing the clients' timing can blur) and its token count."""
     body = {"prompt": COUNTING, "raw": True, "max_tokens": 200, "temperature": 0, "stream": True}
-    with ThreadPoolExecutor(1) as pool, httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: {") and '"response":""' not in line.replace(" ", ""):
-                stamps.append(time.perf_counter())
-                if len(stamps) == 3:
-                    joining = pool.submit(newcomer)
-        joining.result()
-    between = sum(1 for t in stamps if joined["submitted"] < t < joined["first"])
-    return between, int(joined["prompt_tokens"])
+    with httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
+        lines = response.iter_lines()
+        tokens = 0
+        while tokens < 3:  # running: its prompt computed and counted before the newcomer's
+            line = next(lines)
+            tokens += line.startswith("data: {") and '"response":""' not in line.replace(" ", "")
+        joining = {"prompt": long_prompt(768, "joining"), "raw": True, "max_tokens": 1, "temperature": 0}
+        prompt_tokens = assert_ok(httpx.post(url + run_url(), json=joining, timeout=120))["usage"]["prompt_tokens"]
+        # The newcomer's request is counted once its response is sent; the stream's only when it ends, later.
+        deadline = time.monotonic() + 10
+        while metric(httpx.get(url + "/metrics").text, "workers_ai_prompt_decode_calls_count") < 1:
+            assert time.monotonic() < deadline, "the newcomer's request was never counted"
+            time.sleep(0.05)
+        calls = metric(httpx.get(url + "/metrics").text, "workers_ai_prompt_decode_calls_sum")
+    return int(calls), int(prompt_tokens)
 
 
 def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path):
-    # At the smallest bound each step takes one 64-token block of the newcomer beside the running stream, so the
-    # stream gets a token per block; with no bound the prompt goes in two steps of up to 512 tokens.
-    between = {}
+    # At the smallest bound each step takes one 64-token block of the newcomer beside the running stream; with no
+    # bound the prompt goes in two steps of up to 512 tokens.
+    calls = {}
     for stall in ("1", "0"):
         args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "2048", "--max-stall-ms", stall)
         with ServerProcess(tmp_path / f"stall-{stall}.log", *args) as proc:
-            between[stall], prompt_tokens = stream_tokens_while_a_prompt_joins(proc.url)
+            calls[stall], prompt_tokens = prompt_calls_while_a_stream_runs(proc.url)
     blocks = -(-prompt_tokens // 64)
     assert blocks >= 12
-    # A few tokens either way: the step running when the prompt arrives, the step that passes while it is
-    # tokenized off the event loop, and the last block's step, whose stream token and the newcomer's first token
-    # race to their clients (9 of 12 seen on a fresh 2-core machine, on this code and the code before it). Still
-    # well apart from the unbounded case below.
-    assert between["1"] >= blocks - 3
-    assert between["0"] <= 6
+    assert calls["1"] == blocks
+    assert calls["0"] == 2

@@ -706,6 +706,8 @@ class Engine:
         n = 0
         outputs: list[tuple[Slot, int]] = []
         for slot, tokens in work:
+            if slot.prefilling and slot.job:
+                slot.job.generation.prompt_calls += 1
             position = len(slot.cached)
             for i, token in enumerate(tokens):
                 batch.token[n] = token

@@ -56,6 +56,9 @@ class Generation:
         # Written by the engine thread as tokens are made, so a request log can read it after a disconnect.
         self.completion_tokens = 0
         self.cached_tokens = 0
+        # llama_decode calls that computed part of the prompt: one on an idle server, more where prompt blocks were
+        # computed beside running streams under the stall bound (written by the engine thread).
+        self.prompt_calls = 0
         self.finish_reason: FinishReason | None = None
         self.cancelled = False
         self.submitted_at = time.perf_counter()
