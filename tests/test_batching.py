@@ -188,3 +188,44 @@ def test_metrics_count_this_tests_own_requests(client):
     # The engine's working time grew by this test's requests, and llama_decode took part of it, not more.
     busy, inside = delta("workers_ai_engine_busy_seconds"), delta("workers_ai_engine_decode_seconds")
     assert 0 < inside < busy
+
+
+def prompt_calls(url: str, requests: int) -> float:
+    """The llama_decode calls all prompts took so far, once `requests` requests are counted (each is counted after
+    its response is sent)."""
+    deadline = time.monotonic() + 10
+    while metric(httpx.get(url + "/metrics").text, "workers_ai_prompt_decode_calls_count") < requests:
+        assert time.monotonic() < deadline, "the requests were never counted"
+        time.sleep(0.05)
+    return metric(httpx.get(url + "/metrics").text, "workers_ai_prompt_decode_calls_sum")
+
+
+def test_prompts_arriving_together_share_the_first_call(tmp_path):
+    # Two counting prompts of the same length: whole 64-token blocks and a few tokens more.
+    prompts = [f"{tag}: " + ", ".join(str(n) for n in range(1, 110)) + "," for tag in ("first", "again")]
+    args = ("--kv-layout", "slots", "--parallel", "2", "--ctx-size", "1024", "--max-stall-ms", "1")
+    # With an arrival window the idle server waits for the second, sent 3 s after the first, and both prompts go in
+    # one call of their whole blocks, then one of the rest. (Without, the first would be streaming by then.)
+    with ServerProcess(tmp_path / "window.log", *args, "--arrival-window-ms", "5000") as proc:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(complete, proc.url, prompts[0], raw=True, max_tokens=200)
+            time.sleep(3.0)
+            second = pool.submit(complete, proc.url, prompts[1], raw=True, max_tokens=8)
+            tokens = {first.result()["usage"]["prompt_tokens"], second.result()["usage"]["prompt_tokens"]}
+        gathered = prompt_calls(proc.url, 2)
+    # Without, the first starts at once; a second that arrives once it streams is computed beside it a block a step.
+    with ServerProcess(tmp_path / "none.log", *args, "--arrival-window-ms", "0") as proc:
+        body = {"prompt": prompts[0], "raw": True, "max_tokens": 200, "temperature": 0, "stream": True}
+        with ThreadPoolExecutor(1) as pool, httpx.stream("POST", proc.url + run_url(), json=body, timeout=120) as r:
+            lines = r.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            second = pool.submit(complete, proc.url, prompts[1], raw=True, max_tokens=8)
+            tokens.add(second.result()["usage"]["prompt_tokens"])
+            for _ in lines:
+                pass
+        alone = prompt_calls(proc.url, 2)
+    (length,) = tokens
+    blocks, rest = divmod(length, 64)
+    assert blocks >= 3 and rest
+    assert (gathered, alone) == (2 + 2, 2 + blocks + 1), length
