@@ -131,7 +131,7 @@ OPTIONS: dict[str, Option] = {
         "--prefill-block",
         "WAI_PREFILL_BLOCK",
         "prompt tokens per block (the unit of prompt work and prefix reuse); 0 = 512 with a GPU, on a CPU 64 up to "
-        "1.5B parameters, 32 up to 4B, else 4",
+        "1.5B parameters, 32 up to 4B, else 16",
     ),
     "arrival_window_ms": Option(
         "--arrival-window-ms",
