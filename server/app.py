@@ -100,7 +100,6 @@ def create_engine(
         chat_date=settings.chat_date,
         max_stall_ms=settings.max_stall_ms,
         prefill_block=settings.prefill_block,
-        arrival_window_ms=settings.arrival_window_ms,
     )
 
 

@@ -66,7 +66,6 @@ class Settings:
     batch_size: int = 512
     max_stall_ms: int = 1000
     prefill_block: int = 0
-    arrival_window_ms: int = -1
     parallel: int = 4
     max_queue: int = 256
     gpu_layers: int = -1
@@ -132,12 +131,6 @@ OPTIONS: dict[str, Option] = {
         "WAI_PREFILL_BLOCK",
         "prompt tokens per block (the unit of prompt work and prefix reuse); 0 = 512 with a GPU, on a CPU 64 up to "
         "1.5B parameters, 32 up to 4B, else 16",
-    ),
-    "arrival_window_ms": Option(
-        "--arrival-window-ms",
-        "WAI_ARRIVAL_WINDOW_MS",
-        "how long an idle server waits for requests arriving with the first, so their prompts share its first call "
-        "(ends early once every slot has one); -1 = 2%% of the first prompt's expected time, at most 100; 0 = none",
     ),
     "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
     "max_queue": Option(

@@ -1,7 +1,6 @@
 """The engine: one thread owns the llama.cpp model and context and serves every request through slots.
 
-Requests become jobs in a bounded wait queue. The engine thread admits them into free slots (an idle engine first
-waits a moment for requests arriving with the first, `--arrival-window-ms`) and, at each step,
+Requests become jobs in a bounded wait queue. The engine thread admits them into free slots and, at each step,
 advances every generating slot by one token together (continuous batching) and newly admitted prompts by whole
 blocks within the step's token budget (sized by `--max-stall-ms` at the measured prompt speed), so a long prompt
 never stalls the streams already running for more than a step. In the pool layout both go into one
@@ -69,12 +68,6 @@ CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 16))  # (
 # time), as a moving average with this weight for the newest.
 RATE_WEIGHT = 0.3
 MEASURED_PREFILL = 4
-# An idle server waits this share of the first prompt's expected time (at the measured prompt speed), up to the cap,
-# for requests arriving with it: clients that start together reach the engine over tens of milliseconds (8 bench
-# threads: 28-47 ms apart here), while a prompt call on an 8B takes seconds. The cap keeps a lone request's
-# TTFT within 0.1 s of what it was; on a small model the wait is a fraction of a millisecond.
-ARRIVAL_SHARE = 0.02
-ARRIVAL_CAP = 0.1
 
 
 def prefill_block_for(n_params: int, gpu: bool) -> int:
@@ -237,12 +230,9 @@ class Engine:
         chat_date: str = "",
         max_stall_ms: int = 1000,
         prefill_block: int = 0,
-        arrival_window_ms: int = -1,
     ) -> None:
         """`max_stall_ms`: how long running streams may wait, per step, on newly admitted prompts (0: no bound);
-        `prefill_block`: prompt block size (0: chosen from the model and the device); `arrival_window_ms`: how long
-        an idle server waits for requests arriving with the first (-1: a share of its prompt's expected time, see
-        ARRIVAL_SHARE; 0: none)."""
+        `prefill_block`: prompt block size (0: chosen from the model and the device)."""
         self.fetch_model = fetch_model
         self.chat_date = chat_date  # see ChatTemplate: empty keeps prompts the same on any day
         self.settings = settings
@@ -260,7 +250,6 @@ class Engine:
         self._slots: list[Slot] = []
         self._clock = itertools.count(1)
         self.max_stall = max_stall_ms / 1000
-        self.arrival_window = arrival_window_ms / 1000 if arrival_window_ms >= 0 else None
         self._requested_block = prefill_block
         self.prefill_block = prefill_block or CPU_PREFILL_BLOCKS[0][1]
         self._prefill_rate: float | None = None  # prompt tokens per second, measured
@@ -456,28 +445,10 @@ class Engine:
                 self._wake.wait()
             if self._stopping:
                 return False
-            if self._waiting and not any(slot.job for slot in slots):
-                self._gather_arrivals(slots)
             started = time.perf_counter()
             self._admit_waiting(slots)
             self.busy_seconds += time.perf_counter() - started
         return True
-
-    def _gather_arrivals(self, slots: list[Slot]) -> None:
-        """On an idle server, wait (holding the lock, which the wait releases) for requests arriving with the first,
-        until the arrival window ends or every slot has a request: their prompts then share the first call, as in
-        llama-server, instead of the later ones being computed a block a step beside the first one's stream under
-        the stall bound (on the 8B stand-in, calls of 16 tokens run ~10% below a whole batch's speed)."""
-        window = self.arrival_window
-        if window is None:  # a share of the first prompt's expected time, once prompt speed has been measured
-            rate = self._prefill_rate
-            window = min(ARRIVAL_CAP, ARRIVAL_SHARE * len(self._waiting[0].tokens) / rate) if rate else 0.0
-        deadline = time.perf_counter() + window
-        while not self._stopping and len(self._waiting) < len(slots):
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                return
-            self._wake.wait(remaining)
 
     def _admit_waiting(self, slots: list[Slot]) -> None:
         """Move waiting jobs into free slots while there are any (called holding the lock)."""
