@@ -90,6 +90,7 @@ def create_engine(
             kv_size=settings.kv_size,
             cache_type=settings.cache_type,
             kv_layout=settings.kv_layout,
+            flash_attention=settings.flash_attention,
             n_batch=settings.batch_size,
             n_seq=settings.parallel,
             n_threads=settings.effective_threads,

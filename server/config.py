@@ -62,6 +62,7 @@ class Settings:
     kv_size: int = 0
     cache_type: str = "f16"
     kv_layout: str = "auto"
+    flash_attention: str = "auto"
     threads: int = 0
     batch_size: int = 512
     max_stall_ms: int = 1000
@@ -114,6 +115,12 @@ OPTIONS: dict[str, Option] = {
         "pool; pool: one KV pool for every request (long contexts, memory shared); slots: each request slot its "
         "own --ctx-size of KV (default 8192), faster with many streams, and outputs never depend on what else "
         "runs or is cached",
+    ),
+    "flash_attention": Option(
+        "--flash-attention",
+        "WAI_FLASH_ATTENTION",
+        "auto: llama.cpp's flash attention, except in the slots layout on a CPU where prompt blocks are under 64 "
+        "tokens (there prompts then take a call per 48-odd tokens); on; off (needs --cache-type f16)",
     ),
     "cache_type": Option(
         "--cache-type", "WAI_CACHE_TYPE", "KV cache element type for K and V: f16, q8_0 (about half) or q4_0"

@@ -8,6 +8,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import pytest
 from conftest import TEST_CTX, ServerProcess, metric, run_url, wait_for, wait_idle
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
@@ -55,14 +56,24 @@ def test_a_long_prompt_joins_running_streams_without_disturbing_them(server):
         assert joining.result()["usage"]["prompt_tokens"] > 500
 
 
-def test_a_prompt_computed_while_streams_wait_gives_what_it_gives_alone(tmp_path):
+def test_flash_attention_off_is_refused_for_a_quantized_cache(tmp_path):
+    proc = ServerProcess(tmp_path / "fa.log", "--flash-attention", "off", "--cache-type", "q8_0")
+    assert proc.process.wait(timeout=120) == 1
+    proc.stop()
+    assert "a q8_0 cache needs flash attention" in proc.log()
+
+
+@pytest.mark.parametrize("flash_attention", ["auto", "on"])
+def test_a_prompt_computed_while_streams_wait_gives_what_it_gives_alone(tmp_path, flash_attention):
     # In the slots layout an idle server computes several prompt blocks per call and a busy one, at the smallest
     # stall bound, one block a step; the outputs must not tell which. Blocks of 16 tokens, under ggml's flash
-    # attention tile, turn flash attention off in this layout, so an idle server takes the whole prompt in one call.
+    # attention tile, turn flash attention off in this layout by default, so an idle server takes the whole prompt
+    # in one call; with it on, a call holds at most 3 such blocks per prompt (under the tile).
     args = ("--kv-layout", "slots", "--parallel", "2", "--ctx-size", "2048", "--prefill-block", "16")
+    args += ("--flash-attention", flash_attention)
     prompt = "The history of the world, told briefly: " + "and then more happened, " * 40
     with ServerProcess(tmp_path / "slots.log", *args, "--max-stall-ms", "1") as proc:
-        assert httpx.get(f"{proc.url}/health").json()["flash_attention"] is False
+        assert httpx.get(f"{proc.url}/health").json()["flash_attention"] is (flash_attention == "on")
         assert complete(proc.url, prompt, raw=True, max_tokens=1)["usage"]["prompt_tokens"] > 200
         with ThreadPoolExecutor(2) as pool:
             running = pool.submit(complete, proc.url, COUNTING, raw=True, max_tokens=400)

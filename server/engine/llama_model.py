@@ -76,6 +76,8 @@ class ContextSettings:
     # "pool": one unified KV cache; "slots": a KV stream of n_ctx per request slot; "auto": slots where every slot
     # can hold the whole window in the memory a pool would take, else the pool (see choose_layout)
     kv_layout: str = "auto"
+    # "auto": as _flash_attention decides; "on" or "off": as told (llama.cpp's -fa)
+    flash_attention: str = "auto"
 
 
 MIB = 1024 * 1024
@@ -90,6 +92,7 @@ CACHE_TYPES = {
 DEFAULT_KV_SHARE = 0.5
 KV_GRANULE = 256  # llama.cpp pads the attended cells to this
 KV_LAYOUTS = ("auto", "pool", "slots")
+FLASH_ATTENTION = ("auto", "on", "off")
 # A slot's own window in the slots layout, when --ctx-size does not say: Llama 3.1's 128K would need 16 GB of f16
 # KV cache per slot.
 SLOT_WINDOW_CAP = 8192
@@ -158,6 +161,12 @@ class LlamaModel:
             raise ModelLoadError(f"unknown cache type {settings.cache_type!r}: use one of {', '.join(CACHE_TYPES)}")
         if settings.kv_layout not in KV_LAYOUTS:
             raise ModelLoadError(f"unknown KV layout {settings.kv_layout!r}: use one of {', '.join(KV_LAYOUTS)}")
+        if settings.flash_attention not in FLASH_ATTENTION:
+            raise ModelLoadError(
+                f"unknown flash attention setting {settings.flash_attention!r}: use one of {', '.join(FLASH_ATTENTION)}"
+            )
+        if settings.flash_attention == "off" and settings.cache_type != "f16":
+            raise ModelLoadError(f"a {settings.cache_type} cache needs flash attention (llama.cpp quantizes V only so)")
         cache_type, element_bytes = CACHE_TYPES[settings.cache_type]
         if settings.kv_layout == "slots" and settings.kv_size:
             raise ModelLoadError("--kv-size sizes the pool layout; in the slots layout each slot holds --ctx-size")
@@ -185,7 +194,7 @@ class LlamaModel:
         ctx_params.n_threads_batch = settings.n_threads
         ctx_params.kv_unified = self.shared_pool
         ctx_params.type_k = ctx_params.type_v = cache_type
-        if settings.cache_type != "f16":
+        if settings.cache_type != "f16" or settings.flash_attention == "on":
             ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
         elif not self.flash_attention:
             ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
@@ -230,6 +239,8 @@ class LlamaModel:
         blocks are that small and the scores fit SCORES_LIMIT: an idle server then computes a prompt in one call, as
         llama-server does. Where blocks are as large as the tile (small models) flash attention stays: it computes
         prompts 5-15% faster there (measured on the embedded model)."""
+        if settings.flash_attention != "auto":
+            return settings.flash_attention == "on"
         return (
             self.shared_pool
             or self.gpu_offload
