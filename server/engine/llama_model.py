@@ -194,10 +194,11 @@ class LlamaModel:
         ctx_params.n_threads_batch = settings.n_threads
         ctx_params.kv_unified = self.shared_pool
         ctx_params.type_k = ctx_params.type_v = cache_type
-        if settings.cache_type != "f16" or settings.flash_attention == "on":
-            ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED  # llama.cpp needs it for a quantized V
-        elif not self.flash_attention:
+        if not self.flash_attention:
             ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        elif settings.cache_type != "f16" or settings.flash_attention == "on":
+            # llama.cpp needs it for a quantized V; "on" is a demand, not a preference it may decline
+            ctx_params.flash_attn_type = llama.LLAMA_FLASH_ATTN_TYPE_ENABLED
         ctx_params.no_perf = True
         _reported_buffers.clear()
         self.ctx = llama.llama_init_from_model(self.model, ctx_params)
