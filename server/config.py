@@ -119,8 +119,8 @@ OPTIONS: dict[str, Option] = {
     "flash_attention": Option(
         "--flash-attention",
         "WAI_FLASH_ATTENTION",
-        "auto: llama.cpp's flash attention, except in the slots layout on a CPU where prompt blocks are under 64 "
-        "tokens (there prompts then take a call per 48-odd tokens); on; off (needs --cache-type f16)",
+        "auto: llama.cpp's flash attention, except in the slots layout on a CPU (there it would make a stream's "
+        "output depend on what runs beside it); on; off (needs --cache-type f16)",
     ),
     "cache_type": Option(
         "--cache-type", "WAI_CACHE_TYPE", "KV cache element type for K and V: f16, q8_0 (about half) or q4_0"

@@ -38,6 +38,23 @@ def test_concurrent_requests_produce_what_they_produce_alone(server):
     assert (health["kv_size"], health["context_window"]) == (TEST_CTX * health["slots"], TEST_CTX)
 
 
+def test_a_long_stream_decodes_alike_alone_and_beside_another(server):
+    # Past 256 tokens, ggml's flash attention on a CPU splits a lone stream's attention across threads, and not a
+    # stream's beside another: seeded answers then diverged within a few tokens. The slots layout on a CPU runs
+    # without it (LlamaModel._flash_attention), so a stream must draw the same tokens either way.
+    assert httpx.get(server.url + "/health").json()["flash_attention"] is False
+    prompt = "Once upon a time in a land far away there lived a king who had three daughters. " * 18
+    sampling = {"raw": True, "temperature": 1.0, "seed": 7, "max_tokens": 48}
+    alone = complete(server.url, prompt, **sampling)
+    assert alone["usage"]["prompt_tokens"] > 300
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(complete, server.url, COUNTING, raw=True, max_tokens=400)
+        wait_for(server.url, "slots_busy", 1)
+        beside = complete(server.url, prompt, **sampling)
+        assert not running.done()
+    assert beside["response"] == alone["response"]
+
+
 def test_the_slots_layout_is_sized_by_ctx_size_alone(tmp_path):
     proc = ServerProcess(tmp_path / "both.log", "--kv-layout", "slots", "--kv-size", "4096")
     assert proc.process.wait(timeout=120) == 1
@@ -66,9 +83,9 @@ def test_flash_attention_off_is_refused_for_a_quantized_cache(tmp_path):
 @pytest.mark.parametrize("flash_attention", ["auto", "on"])
 def test_a_prompt_computed_while_streams_wait_gives_what_it_gives_alone(tmp_path, flash_attention):
     # In the slots layout an idle server computes several prompt blocks per call and a busy one, at the smallest
-    # stall bound, one block a step; the outputs must not tell which. Blocks of 16 tokens, under ggml's flash
-    # attention tile, turn flash attention off in this layout by default, so an idle server takes the whole prompt
-    # in one call; with it on, a call holds at most 3 such blocks per prompt (under the tile).
+    # stall bound, one block a step; the outputs must not tell which. This layout runs without flash attention by
+    # default, so an idle server takes the whole prompt in one call; with it on, 16-token blocks (under ggml's
+    # flash attention tile) share a call at most 3 per prompt.
     args = ("--kv-layout", "slots", "--parallel", "2", "--ctx-size", "2048", "--prefill-block", "16")
     args += ("--flash-attention", flash_attention)
     prompt = "The history of the world, told briefly: " + "and then more happened, " * 40

@@ -386,9 +386,7 @@ class Engine:
     def _run(self) -> None:
         try:
             path = self.fetch_model()
-            self.model = LlamaModel(
-                path, self.settings, lambda n_params, gpu: self._requested_block or prefill_block_for(n_params, gpu)
-            )
+            self.model = LlamaModel(path, self.settings)
             self.template = ChatTemplate(
                 self.model.chat_template(),
                 bos_token=self.model.token_text(self.model.bos),
@@ -415,13 +413,13 @@ class Engine:
             self.model.n_threads,
             ", all layers on the GPU" if self.model.gpu_offload else "",
         )
+        self.prefill_block = self._requested_block or prefill_block_for(self.model.n_params, self.model.gpu_offload)
         log.info(
             "prompts in blocks of %d tokens, attention %s",
-            self.model.prefill_block,
-            "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: blocks sum alike",
+            self.prefill_block,
+            "as llama.cpp chooses" if self.model.flash_attention else "without flash attention: sums alike in any call",
         )
         log.info("memory: %s", self.model.memory_report)
-        self.prefill_block = self.model.prefill_block
         slots = self._slots = [Slot(seq_id=i) for i in range(self.model.n_seq)]
         batch = llama.llama_batch_init(self.model.n_batch, 0, 1)
         self.state = EngineState.READY

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +138,7 @@ class MemoryPlan:
 
 
 class LlamaModel:
-    def __init__(self, path: Path, settings: ContextSettings, prefill_block: Callable[[int, bool], int]) -> None:
-        """`prefill_block(n_params, gpu)`: how many prompt tokens the engine computes as one block for this model
-        (the attention is chosen for it, see flash_attention)."""
+    def __init__(self, path: Path, settings: ContextSettings) -> None:
         _init_backend()
         model_params = llama.llama_model_default_params()
         if llama.llama_supports_gpu_offload():
@@ -172,7 +169,6 @@ class LlamaModel:
             raise ModelLoadError("--kv-size sizes the pool layout; in the slots layout each slot holds --ctx-size")
         self.kv_layout = self._choose_layout(settings, element_bytes)
         self.shared_pool = self.kv_layout == "pool"
-        self.prefill_block = prefill_block(self.n_params, self.gpu_offload)
         self.flash_attention = self._flash_attention(settings)
         self.plan = self._plan_memory(settings, element_bytes)
         if self.plan.total > self.plan.available and not self.gpu_offload:
@@ -231,22 +227,23 @@ class LlamaModel:
 
     def _flash_attention(self, settings: ContextSettings) -> bool:
         """Whether attention runs as llama.cpp's flash attention (llama.cpp's own choice, on a CPU) or as a product of
-        scores (up to n_batch x window x heads floats in the compute buffer) and a softmax. On a CPU flash attention
-        sums a position one way in calls of fewer than ATTENTION_QUERY_TILE queries per sequence and another in larger
-        ones, so in the slots layout, where a position must come out the same whatever call computed it, blocks smaller
-        than the tile could never share a call of more, and a prompt on an idle server would take a call per 60-odd
-        tokens. Without it a position's sums do not depend on the call's size (checked bit for bit on the embedded model
-        and the 8B stand-in, for calls of whole multiples of 8 tokens), so the slots layout on a CPU drops it where
-        blocks are that small and the scores fit SCORES_LIMIT: an idle server then computes a prompt in one call, as
-        llama-server does. Where blocks are as large as the tile (small models) flash attention stays: it computes
-        prompts 5-15% faster there (measured on the embedded model)."""
+        scores (up to n_batch x window x heads floats in the compute buffer) and a softmax. On a CPU, ggml's flash
+        attention sums a position by what shares its call: one kernel below ATTENTION_QUERY_TILE queries per
+        sequence and a tiled one from there on, and the attention of a lone query over 512 cells or more (one stream
+        decoding alone past 256 tokens) split across the threads and merged, not walked in order. So in the slots
+        layout a stream decoded alone drew other tokens than the same stream decoded beside another one (seeded,
+        on the embedded model, diverging within a few tokens), and blocks under the tile could never share a call
+        of more. Without it a position's sums depend on neither (checked bit for bit on the embedded model and the
+        8B stand-in: calls of any whole multiple of 8 tokens, a stream alone and beside others at 300 and 600
+        cells), so the slots layout on a CPU runs without it wherever the scores fit SCORES_LIMIT. It costs little:
+        on the embedded model, servers taking turns, decode was as fast or faster without it and a 400-token
+        prompt 3% slower (see the README)."""
         if settings.flash_attention != "auto":
             return settings.flash_attention == "on"
         return (
             self.shared_pool
             or self.gpu_offload
             or settings.cache_type != "f16"
-            or self.prefill_block >= ATTENTION_QUERY_TILE
             or self._scores_bytes(settings) > SCORES_LIMIT
         )
 
