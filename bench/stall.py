@@ -27,6 +27,8 @@ URL = "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
 SETTINGS = {
     "stall bound (default)": [],
     "no bound, 64-token blocks": ["--prefill-block", "64", "--max-stall-ms", "0"],
+    # One pool of the same 4 x 2048 cells: the stream's token shares the blocks' call (one pass over the weights).
+    "stall bound, one KV pool": ["--kv-layout", "pool", "--kv-size", "8192"],
 }
 NEWCOMER = "Here is a list of things to remember for the trip: " + ", ".join(f"item {i}" for i in range(1, 30))
 
