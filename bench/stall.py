@@ -3,7 +3,8 @@
 stream's longest gap between tokens, the newcomers' time to first token, and aggregate tokens/s over the round.
 
 Compared: the default (`--max-stall-ms 1000`, prompt blocks sized by the model) against no stall bound
-(`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step, as llama-server does).
+(`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step, as llama-server does) and
+the default bound in one KV pool of the same cells (where the stream's token shares the blocks' call).
 
     .venv/bin/python bench/stall.py [--model llama31-8b] [--rounds 3] [--tokens 48]
 """
