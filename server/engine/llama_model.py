@@ -234,9 +234,9 @@ class LlamaModel:
         layout a stream decoded alone drew other tokens than the same stream decoded beside another one (seeded,
         on the embedded model, diverging within a few tokens), and blocks under the tile could never share a call
         of more. Without it a position's sums depend on neither (checked bit for bit on the embedded model and the
-        8B stand-in: calls of any whole multiple of 8 tokens, a stream alone and beside others at 300 and 600
+        8B stand-in: calls of any whole multiple of 8 tokens, a stream alone and beside another at 300 and 600
         cells), so the slots layout on a CPU runs without it wherever the scores fit SCORES_LIMIT. It costs little:
-        on the embedded model, servers taking turns, decode was as fast or faster without it and a 400-token
+        on the embedded model, servers taking turns, decode was 2-5% faster without it and a 400-token
         prompt 3% slower (see the README)."""
         if settings.flash_attention != "auto":
             return settings.flash_attention == "on"
