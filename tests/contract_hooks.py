@@ -20,6 +20,7 @@ SEMANTIC_REFUSALS = (
     "a tool call in the conversation is malformed",  # `arguments` in the history that is not JSON
     "raise max_tokens to at least",  # the shortest answer the schema allows does not fit max_tokens
     "only supports single tool-calls",  # Llama 3.1's template refuses a history turn with two tool calls
+    "there's no first user message",  # Llama 3.1's template puts tools in the first user turn and needs one
     "adapter_config.json",  # an uploaded config that is not a PEFT LoRA config
     "adapter_model.safetensors",  # uploaded weights that are not LoRA safetensors of this model's shape
 )
