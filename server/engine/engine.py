@@ -673,8 +673,7 @@ class Engine:
         """How many of the slot's prompt tokens fit in `budget` up to a block boundary (or the prompt's end)."""
         if len(slot.pending) <= budget:
             return len(slot.pending)
-        end = (len(slot.cached) + max(0, budget)) // self.prefill_block * self.prefill_block
-        return max(0, end - len(slot.cached))
+        return self._aligned_blocks(slot, budget)
 
     def _aligned_blocks(self, slot: Slot, budget: int) -> int:
         """The slot's prompt tokens within `budget` up to a block boundary, never its last, shorter block."""
