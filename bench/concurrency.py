@@ -125,6 +125,14 @@ class Contender:
         return now
 
 
+def in_one_pool(ours: Contender, name: str, kv_size: int = 0) -> Contender:
+    """This server again on a port of its own, in the pool layout (--kv-size cells, else its own default)."""
+    port = free_port()
+    command = [*ours.command, "--kv-layout", "pool", *(["--kv-size", str(kv_size)] if kv_size else [])]
+    command[command.index("--port") + 1] = str(port)
+    return dataclasses.replace(ours, name=name, command=command, port=port)
+
+
 def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int) -> Iterator[Contender]:
     ours = free_port()
     yield Contender(
@@ -305,11 +313,7 @@ def main() -> None:
         if s.name == "this server":
             s.command += args.server_args.split()
     if args.pool_too:
-        ours = servers[0]
-        port = free_port()
-        command = [*ours.command, "--kv-layout", "pool"]
-        command[command.index("--port") + 1] = str(port)
-        servers.insert(1, dataclasses.replace(ours, name="this server, pool", command=command, port=port))
+        servers.insert(1, in_one_pool(servers[0], "this server, pool"))
     try:
         start_all(servers, "")
         for s in servers:  # warm-up, on a prompt no measured request uses

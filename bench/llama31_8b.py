@@ -6,12 +6,16 @@ weights, Q4_K_M by llama.cpp's own quantizer; about 5 GB, built into the cache o
 llama-server is built natively from the llama.cpp sources the pinned llama-cpp-python vendors
 (bench/build_llama_server.sh, run first if missing). Both servers get the same threads, slots and KV cells.
 
+This server runs twice, in its two KV layouts: slots (each request 1,024 cells of its own, what `auto` picks for
+--parallel 8 --ctx-size 1024; outputs never depend on what runs beside them) and one pool of the same 8,192 cells
+(what `auto` picks for the 8B at its trained window; streams share llama.cpp's calls and flash attention runs).
+
 Each round, every contender in turn (the order rotates): time to first token of a 512-token prompt never seen
 before; then 1, 4 and 8 streams at once of greedy completions from short prompts: decode tokens/s per stream
 (tokens after the first over the time after the first, median over streams) and aggregate tokens/s (all tokens
 over the level's wall time, prompts included). The bare loop runs the 512-token prompt and one stream. At the end,
 each server's peak resident memory (VmHWM: the mapped weights count once per process), and this server's own
-share of its engine time outside llama_decode (its /metrics) at every level.
+share of its engine time outside llama_decode (its /metrics) at every level, in each layout.
 
     .venv/bin/python bench/llama31_8b.py [--rounds 3] [--tokens 32] [--levels 1,4,8] [--gpu]
 """
@@ -32,6 +36,7 @@ from concurrency import (
     Result,
     contenders,
     engine_seconds,
+    in_one_pool,
     outside_decode_percent,
     run_clients,
     start_all,
@@ -41,6 +46,8 @@ from single_stream import BareLoop
 
 from server.config import physical_cores
 
+SLOTS, POOL, BARE = "this server, slots", "this server, one pool", "bare llama_decode"
+LLAMA_SERVER_NAME = "llama-server"
 PROMPT_TOKENS = 512
 CTX = 1024  # per slot: the long prompt and its answer, or a short prompt and many tokens
 
@@ -112,16 +119,19 @@ def main() -> None:
     slots = max(levels)
     path = Path(model_source(args.model))
     servers = [c for c in contenders(path, str(path), args.threads, slots, CTX) if c.name != "llama_cpp.server"]
-    ours = servers[0]  # --parallel 8 --ctx-size 1024: the slots layout, as llama-server's -np 8 -c 8192
+    servers[0].name = SLOTS  # --parallel 8 --ctx-size 1024: the slots layout, as llama-server's -np 8 -c 8192
+    servers.insert(1, in_one_pool(servers[0], POOL, slots * CTX))
+    ours = servers[:2]
     if args.gpu:  # this server and the bare loop offload every layer by default; llama-server is told
-        servers[1].command += ["-ngl", "999"]
+        servers[2].command += ["-ngl", "999"]
     vram: dict[str, float] = {}
     bare = BareLoop(path, args.threads)
 
-    ttft: dict[str, list[float]] = {name: [] for name in ("this server", "llama-server", "bare llama_decode")}
+    names = [server.name for server in servers] + [BARE]
+    ttft: dict[str, list[float]] = {name: [] for name in names}
     decode: dict[tuple[str, int], list[float]] = {}
     aggregate: dict[tuple[str, int], list[float]] = {}
-    overhead: dict[int, list[float]] = {}
+    overhead: dict[tuple[str, int], list[float]] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
         start_all(servers, "llama31_8b-")
@@ -129,12 +139,12 @@ def main() -> None:
             streams(server, 1, 4, "warm-up")  # weights paged in, buffers allocated
         bare.run(4)
         for round_ in range(args.rounds):
-            order = servers[round_ % 2 :] + servers[: round_ % 2]
+            order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
             for server in order:
                 label = f"round {round_} {server.name}"
                 ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
                 for level in levels:
-                    before = engine_seconds(ours) if server is ours else (0.0, 0.0)
+                    before = engine_seconds(server) if server in ours else (0.0, 0.0)
                     results, wall = streams(server, level, args.tokens, f"{label} level {level}")
                     decode.setdefault((server.name, level), []).append(
                         statistics.median(decode_rate(r) for r in results)
@@ -142,53 +152,51 @@ def main() -> None:
                     aggregate.setdefault((server.name, level), []).append(sum(r.tokens for r in results) / wall)
                     if args.gpu:
                         sample_vram(servers, vram)
-                    if server is ours:
-                        overhead.setdefault(level, []).append(outside_decode_percent(ours, before))
+                    if server in ours:
+                        overhead.setdefault((server.name, level), []).append(outside_decode_percent(server, before))
             prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
-            ttft["bare llama_decode"].append(bare.run(1, prompt).ttft_s)
-            decode.setdefault(("bare llama_decode", 1), []).append(bare.run(args.tokens).decode_tps)
+            ttft[BARE].append(bare.run(1, prompt).ttft_s)
+            decode.setdefault((BARE, 1), []).append(bare.run(args.tokens).decode_tps)
         peaks = {server.name: peak_rss_gib(server.process.pid) for server in servers if server.process}
     finally:
         for server in servers:
             server.stop()
-    peaks["bare llama_decode"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peaks[BARE] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
+    peers = (LLAMA_SERVER_NAME, BARE)
+    ratio_heads = [f"{o.name.removeprefix('this server, ')} vs {peer}" for o in ours for peer in peers]
     lines = [
         f"model {path.name}, {args.threads} threads, {slots} slots of {CTX} tokens, {args.tokens} tokens per stream, "
         f"{args.rounds} rounds taking turns; median (min-max)",
         "",
-        "| | this server | llama-server | bare llama_decode | vs llama-server | vs bare |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| | {' | '.join(names)} | {' | '.join(ratio_heads)} |",
+        f"|---|{'---:|' * (len(names) + len(ratio_heads))}",
     ]
 
-    def row(name: str, cells: dict[str, list[float]], lower_is_better: bool = False, digits: int = 1) -> None:
-        names = ("this server", "llama-server", "bare llama_decode")
+    def row(title: str, cells: dict[str, list[float]], lower_is_better: bool = False, digits: int = 1) -> None:
         shown = [summary(cells[c], digits) if c in cells else "-" for c in names]
         ratios = []
-        for peer in ("llama-server", "bare llama_decode"):
-            if peer not in cells:
-                ratios.append("-")
-                continue
-            ours_, theirs = statistics.median(cells["this server"]), statistics.median(cells[peer])
-            ratios.append(f"{(theirs / ours_ if lower_is_better else ours_ / theirs):.2f}x")
-        lines.append(f"| {name} | {' | '.join(shown)} | {' | '.join(ratios)} |")
+        for server in ours:
+            for peer in peers:
+                if peer not in cells:
+                    ratios.append("-")
+                    continue
+                mine, theirs = statistics.median(cells[server.name]), statistics.median(cells[peer])
+                ratios.append(f"{(theirs / mine if lower_is_better else mine / theirs):.2f}x")
+        lines.append(f"| {title} | {' | '.join(shown)} | {' | '.join(ratios)} |")
 
     row(f"TTFT, {PROMPT_TOKENS}-token prompt, s", ttft, lower_is_better=True, digits=2)
     for level in levels:
-        names = ("this server", "llama-server", "bare llama_decode")
         row(f"decode tok/s per stream, {level} streams", {n: decode[n, level] for n in names if (n, level) in decode})
         row(f"aggregate tok/s, {level} streams", {n: aggregate[n, level] for n in names if (n, level) in aggregate})
-    lines.append(
-        f"| peak RSS, GiB | {peaks['this server']:.2f} | {peaks['llama-server']:.2f} | "
-        f"{peaks['bare llama_decode']:.2f} | | |"
-    )
+    blanks = " |" * len(ratio_heads)
+    lines.append(f"| peak RSS, GiB | {' | '.join(f'{peaks[n]:.2f}' for n in names)} |{blanks}")
     if vram:
-        lines.append(
-            f"| peak VRAM seen, GiB | {vram.get('this server', 0):.2f} | {vram.get('llama-server', 0):.2f} | | | |"
-        )
+        lines.append(f"| peak VRAM seen, GiB | {' | '.join(f'{vram.get(n, 0):.2f}' for n in names[:-1])} | - |{blanks}")
     lines.append("")
-    shares = ", ".join(f"{summary(values)}% at {level} streams" for level, values in overhead.items())
-    lines.append(f"This server's engine time outside llama_decode: {shares}")
+    for server in ours:
+        shares = ", ".join(f"{summary(v)}% at {lv} streams" for (n, lv), v in overhead.items() if n == server.name)
+        lines.append(f"Engine time outside llama_decode, {server.name}: {shares}")
     markdown = "\n".join(lines)
     print(markdown)
     (RESULTS / "llama31_8b.md").write_text(markdown + "\n")
