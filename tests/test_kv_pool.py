@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from conftest import ServerProcess, metric, run_url
+from conftest import MODEL, ServerProcess, metric, run_url, wait_for
 from test_contract import assert_error, assert_ok
 from test_generation import COUNTING
 
@@ -159,6 +159,49 @@ def prompt_calls_while_a_stream_runs(url: str) -> tuple[int, int]:
             time.sleep(0.05)
         calls = metric(httpx.get(url + "/metrics").text, "workers_ai_prompt_decode_calls_sum")
     return int(calls), int(prompt_tokens)
+
+
+def prompt_of(url: str, tag: str, tokens: int, past_boundary: int) -> str:
+    """A raw prompt of at least `tokens` tokens whose last block holds `past_boundary` tokens (0: it ends on a block
+    boundary), the block being this server's prefill block."""
+    block = httpx.get(url + "/health").json()["prefill_block"]
+    words = tokens // 3
+    while True:
+        prompt = long_prompt(0, tag) + " ".join(f"word{i % 97}" for i in range(words))
+        body = {"prompt": prompt, "raw": True}
+        count = len(assert_ok(httpx.post(f"{url}/ai/tokenize/{MODEL}", json=body, timeout=60))["tokens"])
+        if count >= tokens and count % block == past_boundary % block:
+            return prompt
+        words += 1
+
+
+@pytest.mark.parametrize("past_boundary", [0, 5])
+def test_prompts_that_arrive_together_start_their_streams_together(tmp_path, past_boundary):
+    # An idle pool computes a long prompt's blocks up to its final one and holds that back while a prompt that
+    # arrived meanwhile still has blocks before its own final one: then both final blocks share a call and both
+    # streams start at one step. Had the first stream started alone, the second prompt (~900 tokens, one 64-token
+    # block a step at this bound) would have kept its first token back for ~14 of the first stream's tokens. Both
+    # a prompt that ends on a block boundary and one that does not.
+    args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "4096", "--max-stall-ms", "1")
+    order: list[str] = []
+
+    def stream(name: str, prompt: str, max_tokens: int) -> None:
+        body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+        with httpx.stream("POST", proc.url + run_url(), json=body, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {") and json.loads(line[6:]).get("response"):
+                    order.append(name)
+
+    with ServerProcess(tmp_path / "together.log", *args) as proc, ThreadPoolExecutor(2) as clients:
+        first_prompt, second_prompt = (
+            prompt_of(proc.url, tag, n, past_boundary) for tag, n in (("first", 1800), ("second", 900))
+        )
+        first = clients.submit(stream, "first", first_prompt, 40)
+        wait_for(proc.url, "slots_busy", 1)  # admitted: its prompt's first calls are running
+        second = clients.submit(stream, "second", second_prompt, 4)
+        first.result(), second.result()
+    assert order.count("first") >= 30 and order.count("second") >= 2, order
+    assert order[: order.index("second")].count("first") <= 2, order
 
 
 def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path):

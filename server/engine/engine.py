@@ -582,15 +582,16 @@ class Engine:
         budget = min(room, self._prefill_budget(streams_waiting=bool(streams)))
         prompts: dict[Path | None, list[tuple[Slot, list[int]]]] = {}
         prefilling = self._prefilling(slots)
-        # With no stream running, prompts' last, shorter blocks wait while any prompt still has whole blocks to
-        # compute, so requests that arrive meanwhile finish their prompts with the others and every stream starts
-        # together (as in the slots layout), instead of the first running alone beside the others' prompts. On the
-        # 8B stand-in (4 or 8 clients at once, taking turns with llama-server) it took the pool from 0.86x and 0.89x
-        # llama-server's aggregate at 4 and 8 streams to 1.01x and 0.99x; a lone prompt pays one more call.
-        whole_only = not streams and any(self._aligned_blocks(slot, budget) for slot in prefilling)
+        # With no stream running, prompts' final blocks wait while any prompt still has blocks before its final one
+        # (see _before_final_block), so requests that arrive meanwhile finish their prompts with the others and
+        # every stream starts together, instead of the first running alone beside the others' prompts, a block a
+        # step. On the 8B stand-in (4 or 8 clients at once, taking turns with llama-server) holding back prompts'
+        # last, shorter blocks took the pool from 0.86x and 0.89x llama-server's aggregate at 4 and 8 streams to
+        # 1.01x and 0.99x; a prompt of whole blocks only had none to hold back. A lone prompt pays one more call.
+        hold_final = not streams and any(self._before_final_block(slot, budget) for slot in prefilling)
         for slot in prefilling:
-            size = self._aligned_blocks(slot, budget) if whole_only else self._whole_blocks(slot, budget)
-            if whole_only and not size:
+            size = self._before_final_block(slot, budget) if hold_final else self._whole_blocks(slot, budget)
+            if hold_final and not size:
                 continue
             if not size:
                 size = self._next_block(slot)
@@ -630,10 +631,16 @@ class Engine:
             if self._use_adapter(adapter, [slot for slot, _ in work]):
                 self._generate_seconds += self._decode(batch, work)
         budget = self._prefill_budget(streams_waiting=bool(streams))
+        # With no stream running, prompts' final blocks wait as in _step_pool, so streams start together.
+        hold_final = not streams and any(self._before_final_block(slot, budget) for slot in self._prefilling(slots))
         while budget > 0:
             chunks: dict[tuple[int, Path | None], list[Slot]] = {}
             for slot in self._prefilling(slots):
-                chunks.setdefault((self._slot_chunk(slot, budget), slot.adapter), []).append(slot)
+                size = self._slot_chunk(slot, budget)
+                if hold_final:
+                    size = min(size, self._before_final_block(slot, budget))
+                if size:
+                    chunks.setdefault((size, slot.adapter), []).append(slot)
             if not chunks:
                 return
             (size, adapter), group = max(chunks.items(), key=lambda chunk: chunk[0][0] * len(chunk[1]))
@@ -679,6 +686,12 @@ class Engine:
         """The slot's prompt tokens within `budget` up to a block boundary, never its last, shorter block."""
         end = (len(slot.cached) + min(budget, len(slot.pending))) // self.prefill_block * self.prefill_block
         return max(0, end - len(slot.cached))
+
+    def _before_final_block(self, slot: Slot, budget: int) -> int:
+        """The slot's prompt tokens within `budget` up to a block boundary, short of the block that holds the
+        prompt's last token (whose call yields the first token: it starts the stream)."""
+        final_start = (len(slot.cached) + len(slot.pending) - 1) // self.prefill_block * self.prefill_block
+        return min(self._aligned_blocks(slot, budget), max(0, final_start - len(slot.cached)))
 
     def _slot_chunk(self, slot: Slot, budget: int) -> int:
         """Slots layout: the slot's prompt tokens for its next call. As many whole blocks as `budget` allows, each
