@@ -177,9 +177,9 @@ def prompt_of(url: str, tag: str, tokens: int, past_boundary: int) -> str:
 
 @pytest.mark.parametrize("past_boundary", [0, 5])
 def test_prompts_that_arrive_together_start_their_streams_together(tmp_path, past_boundary):
-    # An idle pool computes a long prompt's blocks up to its final one and holds that back while a prompt that
-    # arrived meanwhile still has blocks before its own final one: then both final blocks share a call and both
-    # streams start at one step. Had the first stream started alone, the second prompt (~900 tokens, one 64-token
+    # An idle pool computes a long prompt but for its last token and holds that back while a prompt that arrived
+    # meanwhile still has tokens before its own last one: then both last tokens share a call and both streams
+    # start at one step. Had the first stream started alone, the second prompt (~900 tokens, one 64-token
     # block a step at this bound) would have kept its first token back for ~14 of the first stream's tokens. Both
     # a prompt that ends on a block boundary and one that does not.
     args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "4096", "--max-stall-ms", "1")

@@ -582,15 +582,16 @@ class Engine:
         budget = min(room, self._prefill_budget(streams_waiting=bool(streams)))
         prompts: dict[Path | None, list[tuple[Slot, list[int]]]] = {}
         prefilling = self._prefilling(slots)
-        # With no stream running, prompts' final blocks wait while any prompt still has blocks before its final one
-        # (see _before_final_block), so requests that arrive meanwhile finish their prompts with the others and
-        # every stream starts together, instead of the first running alone beside the others' prompts, a block a
-        # step. On the 8B stand-in (4 or 8 clients at once, taking turns with llama-server) holding back prompts'
-        # last, shorter blocks took the pool from 0.86x and 0.89x llama-server's aggregate at 4 and 8 streams to
-        # 1.01x and 0.99x; a prompt of whole blocks only had none to hold back. A lone prompt pays one more call.
-        hold_final = not streams and any(self._before_final_block(slot, budget) for slot in prefilling)
+        # With no stream running, prompts' last tokens wait while any prompt still has tokens before its last one,
+        # so requests that arrive meanwhile finish their prompts with the others and every stream starts together,
+        # instead of the first running alone beside the others' prompts, a block a step (on the 8B stand-in, 4 or
+        # 8 clients at once, taking turns with llama-server: 0.86x and 0.89x its aggregate before any holding
+        # back, 1.01x and 0.99x holding back the last, shorter blocks). The last token alone, not the last block:
+        # a lone prompt then pays one more call of one token (about one stream's step) where a block of 16 took
+        # the 8B stand-in's 512-token prompt 4% longer to its first token.
+        hold_final = not streams and any(self._before_last_token(slot, budget) for slot in prefilling)
         for slot in prefilling:
-            size = self._before_final_block(slot, budget) if hold_final else self._whole_blocks(slot, budget)
+            size = self._before_last_token(slot, budget) if hold_final else self._whole_blocks(slot, budget)
             if hold_final and not size:
                 continue
             if not size:
@@ -631,7 +632,8 @@ class Engine:
             if self._use_adapter(adapter, [slot for slot, _ in work]):
                 self._generate_seconds += self._decode(batch, work)
         budget = self._prefill_budget(streams_waiting=bool(streams))
-        # With no stream running, prompts' final blocks wait as in _step_pool, so streams start together.
+        # With no stream running, prompts' final blocks wait as prompts' last tokens do in _step_pool, so streams
+        # start together; a whole block, not one token, since a call of one token would sum differently.
         hold_final = not streams and any(self._before_final_block(slot, budget) for slot in self._prefilling(slots))
         while budget > 0:
             chunks: dict[tuple[int, Path | None], list[Slot]] = {}
@@ -686,6 +688,13 @@ class Engine:
         """The slot's prompt tokens within `budget` up to a block boundary, never its last, shorter block."""
         end = (len(slot.cached) + min(budget, len(slot.pending))) // self.prefill_block * self.prefill_block
         return max(0, end - len(slot.cached))
+
+    def _before_last_token(self, slot: Slot, budget: int) -> int:
+        """Pool: the slot's prompt tokens within `budget` short of its last one (the call of which yields the first
+        token and starts the stream): all of them if they fit, else whole blocks."""
+        if len(slot.pending) - 1 <= budget:
+            return len(slot.pending) - 1
+        return self._aligned_blocks(slot, budget)
 
     def _before_final_block(self, slot: Slot, budget: int) -> int:
         """The slot's prompt tokens within `budget` up to a block boundary, short of the block that holds the
