@@ -123,7 +123,7 @@ def main() -> None:
     servers.insert(1, in_one_pool(servers[0], POOL, slots * CTX))
     ours = servers[:2]
     if args.gpu:  # this server and the bare loop offload every layer by default; llama-server is told
-        servers[2].command += ["-ngl", "999"]
+        next(s for s in servers if s.name == LLAMA_SERVER_NAME).command += ["-ngl", "999"]
     vram: dict[str, float] = {}
     bare = BareLoop(path, args.threads)
 

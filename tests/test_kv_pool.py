@@ -167,7 +167,7 @@ def prompt_of(url: str, tag: str, tokens: int, past_boundary: int) -> str:
     block = httpx.get(url + "/health").json()["prefill_block"]
 
     def prompt_and_count(words: int) -> tuple[str, int]:
-        prompt = f"{tag}: " + " ".join(f"word{i % 97}" for i in range(words))
+        prompt = long_prompt(3 * words, tag)
         body = {"prompt": prompt, "raw": True}
         return prompt, len(assert_ok(httpx.post(f"{url}/ai/tokenize/{MODEL}", json=body, timeout=60))["tokens"])
 

@@ -573,9 +573,9 @@ class Engine:
     ) -> None:
         """Pool layout: per adapter, one decode call holds the running streams' tokens and as many whole blocks of
         newly admitted prompts as the step's budget allows (at least one block, so prompts always advance). The
-        weights are read once per step, and an idle server computes a prompt in calls of a whole batch (its last,
-        shorter block in a call after the whole ones, see below). llama.cpp takes such a batch in one pass whatever
-        its sequences hold; attention spans the pool's cells anyway, so what runs beside a request can already
+        weights are read once per step, and an idle server computes a prompt in calls of a whole batch (its last
+        token in a call after the others, see below). llama.cpp takes such a batch in one pass whatever its
+        sequences hold; attention spans the pool's cells anyway, so what runs beside a request can already
         change its output in rare near-ties (see the README)."""
         assert self.model is not None
         room = self.model.n_batch - sum(len(tokens) for work in streams.values() for _, tokens in work)
