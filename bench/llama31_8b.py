@@ -10,12 +10,14 @@ This server runs twice, in its two KV layouts: slots (each request 1,024 cells o
 --parallel 8 --ctx-size 1024; outputs never depend on what runs beside them) and one pool of the same 8,192 cells
 (what `auto` picks for the 8B at its trained window; streams share llama.cpp's calls and flash attention runs).
 
-Each round, every contender in turn (the order rotates): time to first token of a 512-token prompt never seen
-before; then 1, 4 and 8 streams at once of greedy completions from short prompts: decode tokens/s per stream
-(tokens after the first over the time after the first, median over streams) and aggregate tokens/s (all tokens
-over the level's wall time, prompts included). The bare loop runs the 512-token prompt and one stream. At the end,
-each server's peak resident memory (VmHWM: the mapped weights count once per process), and this server's own
-share of its engine time outside llama_decode (its /metrics) at every level, in each layout.
+Each round goes measure by measure, every contender in turn within a measure (the order rotates): time to first
+token of a 512-token prompt never seen before; then 1, 4 and 8 streams at once of greedy completions from short
+prompts: decode tokens/s per stream (tokens after the first over the time after the first, median over streams)
+and aggregate tokens/s (all tokens over the level's wall time, prompts included). The bare loop runs the
+512-token prompt and one stream. At the end, each server's peak resident memory (VmHWM: the mapped weights count
+once per process), and this server's own share of its engine time outside llama_decode (its /metrics) at every
+level, in each layout. A ratio is taken within each round, between measures seconds apart, and the median over
+rounds reported.
 
     .venv/bin/python bench/llama31_8b.py [--rounds 3] [--tokens 32] [--levels 1,4,8] [--gpu]
 """
@@ -139,11 +141,16 @@ def main() -> None:
             streams(server, 1, 4, "warm-up")  # weights paged in, buffers allocated
         bare.run(4)
         for round_ in range(args.rounds):
-            order = servers[round_ % len(servers) :] + servers[: round_ % len(servers)]
-            for server in order:
-                label = f"round {round_} {server.name}"
-                ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
-                for level in levels:
+            # Each measure in turn, every contender one after another within it (the order rotating with the
+            # round and the measure), so the same measure of two contenders is seconds apart, not minutes: this
+            # machine's speed drifts by 10-45% within minutes, and the ratios are taken within a round.
+            for measure, level in enumerate([0, *levels]):
+                shift = (round_ + measure) % len(servers)
+                for server in servers[shift:] + servers[:shift]:
+                    label = f"round {round_} {server.name}"
+                    if not level:
+                        ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
+                        continue
                     before = engine_seconds(server) if server in ours else (0.0, 0.0)
                     results, wall = streams(server, level, args.tokens, f"{label} level {level}")
                     decode.setdefault((server.name, level), []).append(
@@ -154,9 +161,11 @@ def main() -> None:
                         sample_vram(servers, vram)
                     if server in ours:
                         overhead.setdefault((server.name, level), []).append(outside_decode_percent(server, before))
-            prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
-            ttft[BARE].append(bare.run(1, prompt).ttft_s)
-            decode.setdefault((BARE, 1), []).append(bare.run(args.tokens).decode_tps)
+                if not level:
+                    prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
+                    ttft[BARE].append(bare.run(1, prompt).ttft_s)
+                elif level == 1:
+                    decode.setdefault((BARE, 1), []).append(bare.run(args.tokens).decode_tps)
         peaks = {server.name: peak_rss_gib(server.process.pid) for server in servers if server.process}
     finally:
         for server in servers:
@@ -167,7 +176,7 @@ def main() -> None:
     ratio_heads = [f"{o.name.removeprefix('this server, ')} vs {peer}" for o in ours for peer in peers]
     lines = [
         f"model {path.name}, {args.threads} threads, {slots} slots of {CTX} tokens, {args.tokens} tokens per stream, "
-        f"{args.rounds} rounds taking turns; median (min-max)",
+        f"{args.rounds} rounds taking turns; median (min-max); ratios: median of the rounds' ratios (min-max)",
         "",
         f"| | {' | '.join(names)} | {' | '.join(ratio_heads)} |",
         f"|---|{'---:|' * (len(names) + len(ratio_heads))}",
@@ -181,8 +190,10 @@ def main() -> None:
                 if peer not in cells:
                     ratios.append("-")
                     continue
-                mine, theirs = statistics.median(cells[server.name]), statistics.median(cells[peer])
-                ratios.append(f"{(theirs / mine if lower_is_better else mine / theirs):.2f}x")
+                # The ratio within each round (the two measured seconds apart), then the median over rounds.
+                pairs = zip(cells[server.name], cells[peer], strict=True)
+                per_round = [theirs / mine if lower_is_better else mine / theirs for mine, theirs in pairs]
+                ratios.append(f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})")
         lines.append(f"| {title} | {' | '.join(shown)} | {' | '.join(ratios)} |")
 
     row(f"TTFT, {PROMPT_TOKENS}-token prompt, s", ttft, lower_is_better=True, digits=2)
