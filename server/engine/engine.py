@@ -3,7 +3,8 @@
 Requests become jobs in a bounded wait queue. The engine thread admits them into free slots and, at each step,
 advances every generating slot by one token together (continuous batching) and newly admitted prompts by whole
 blocks within the step's token budget (sized by `--max-stall-ms` at the measured prompt speed), so a long prompt
-never stalls the streams already running for more than a step. In the pool layout both go into one
+never stalls the streams already running for more than a step (prompts that came while those streams' own prompts
+were computed take whole batches, as they would have beside them). In the pool layout both go into one
 `llama_decode`; in the slots layout (which `--kv-layout auto` picks wherever every slot can hold the whole window)
 prompts get calls of their own. Each slot samples with its own native sampler chain.
 
@@ -135,6 +136,8 @@ class _Job:
     request: CompletionRequest
     generation: Generation
     grammar: str | None = None  # llguidance's compiled form of request.grammar
+    queued: float = field(default_factory=time.perf_counter)
+    streaming_since: float | None = None  # when its first token was sampled
 
     @property
     def cells(self) -> int:
@@ -573,27 +576,16 @@ class Engine:
     ) -> None:
         """Pool layout: per adapter, one decode call holds the running streams' tokens and as many whole blocks of
         newly admitted prompts as the step's budget allows (at least one block, so prompts always advance). The
-        weights are read once per step, and an idle server computes a prompt in calls of a whole batch (its last
-        token in a call after the others, see below). llama.cpp takes such a batch in one pass whatever its
-        sequences hold; attention spans the pool's cells anyway, so what runs beside a request can already
-        change its output in rare near-ties (see the README)."""
+        weights are read once per step, and an idle server computes a prompt in calls of a whole batch. llama.cpp
+        takes such a batch in one pass whatever its sequences hold; attention spans the pool's cells anyway, so
+        what runs beside a request can already change its output in rare near-ties (see the README)."""
         assert self.model is not None
         room = self.model.n_batch - sum(len(tokens) for work in streams.values() for _, tokens in work)
-        budget = min(room, self._prefill_budget(streams_waiting=bool(streams)))
+        prefilling, budget = self._prompt_work(slots, streams)
+        budget = min(room, budget)
         prompts: dict[Path | None, list[tuple[Slot, list[int]]]] = {}
-        prefilling = self._prefilling(slots)
-        # With no stream running, prompts' last tokens wait while any prompt still has tokens before its last one,
-        # so requests that arrive meanwhile finish their prompts with the others and every stream starts together,
-        # instead of the first running alone beside the others' prompts, a block a step (on the 8B stand-in, 4 or
-        # 8 clients at once, taking turns with llama-server: 0.86x and 0.89x its aggregate before any holding
-        # back, 1.01x and 0.99x holding back the last, shorter blocks). The last token alone, not the last block:
-        # a lone prompt then pays one more call of one token (about one stream's step) where a block of 16 took
-        # the 8B stand-in's 512-token prompt 4% longer to its first token.
-        hold_final = not streams and any(self._before_last_token(slot, budget) for slot in prefilling)
         for slot in prefilling:
-            size = self._before_last_token(slot, budget) if hold_final else self._whole_blocks(slot, budget)
-            if hold_final and not size:
-                continue
+            size = self._whole_blocks(slot, budget)
             if not size:
                 size = self._next_block(slot)
                 if prompts or size > room:
@@ -631,16 +623,11 @@ class Engine:
         for adapter, work in streams.items():
             if self._use_adapter(adapter, [slot for slot, _ in work]):
                 self._generate_seconds += self._decode(batch, work)
-        budget = self._prefill_budget(streams_waiting=bool(streams))
-        # With no stream running, prompts' final blocks wait as prompts' last tokens do in _step_pool, so streams
-        # start together; a whole block, not one token, since a call of one token would sum differently.
-        hold_final = not streams and any(self._before_final_block(slot, budget) for slot in self._prefilling(slots))
+        prefilling, budget = self._prompt_work(slots, streams)
         while budget > 0:
             chunks: dict[tuple[int, Path | None], list[Slot]] = {}
-            for slot in self._prefilling(slots):
+            for slot in prefilling:
                 size = self._slot_chunk(slot, budget)
-                if hold_final:
-                    size = min(size, self._before_final_block(slot, budget))
                 if size:
                     chunks.setdefault((size, slot.adapter), []).append(slot)
             if not chunks:
@@ -668,9 +655,31 @@ class Engine:
         previous = self._prefill_rate
         self._prefill_rate = rate if previous is None else (1 - RATE_WEIGHT) * previous + RATE_WEIGHT * rate
 
-    def _prefill_budget(self, streams_waiting: bool) -> int:
-        """Prompt tokens this step may compute: as many as fit in the stall bound at the measured prompt speed
-        while streams wait on the step (at least one block, so prompts always advance), else a whole batch."""
+    def _prompt_work(
+        self, slots: list[Slot], streams: dict[Path | None, list[tuple[Slot, list[int]]]]
+    ) -> tuple[list[Slot], int]:
+        """The prompts this step computes, first admitted first, and how many of their tokens it may take.
+
+        The stall bound protects a stream from prompts that came after it started. A prompt queued before every
+        running stream's first token came while their own prompts were computed: a moment sooner and it would have
+        shared their calls, and it kept no client waiting that was not waiting for a first token anyway. Such
+        prompts go first and alone, a whole batch a step, as llama-server takes every prompt, so requests that
+        arrive together start their streams at most a step apart, and a lone prompt goes in whole batches. (Before,
+        an idle server held back each prompt's last piece while another prompt had work left: a lone prompt paid a
+        call for it. The 8B stand-in took 28.55 s for 512 prompt tokens in one call, 29.57 s for 511 and then 1,
+        29.36 s for 496 and then 16.)"""
+        prefilling = self._prefilling(slots)
+        running = [slot.job for work in streams.values() for slot, _ in work if slot.job]
+        if running:
+            first_token = min(job.streaming_since or 0.0 for job in running)
+            awaited = [slot for slot in prefilling if slot.job and slot.job.queued < first_token]
+            if awaited:
+                return awaited, self._stall_budget(streams_waiting=False)
+        return prefilling, self._stall_budget(streams_waiting=bool(streams))
+
+    def _stall_budget(self, streams_waiting: bool) -> int:
+        """Prompt tokens a step may compute: as many as fit in the stall bound at the measured prompt speed while
+        streams wait on the step (at least one block, so prompts always advance), else a whole batch."""
         assert self.model is not None
         if not streams_waiting or not self.max_stall:
             return self.model.n_batch
@@ -688,19 +697,6 @@ class Engine:
         """The slot's prompt tokens within `budget` up to a block boundary, never its last, shorter block."""
         end = (len(slot.cached) + min(budget, len(slot.pending))) // self.prefill_block * self.prefill_block
         return max(0, end - len(slot.cached))
-
-    def _before_last_token(self, slot: Slot, budget: int) -> int:
-        """Pool: the slot's prompt tokens within `budget` short of its last one (the call of which yields the first
-        token and starts the stream): all of them if they fit, else whole blocks."""
-        if len(slot.pending) - 1 <= budget:
-            return len(slot.pending) - 1
-        return self._aligned_blocks(slot, budget)
-
-    def _before_final_block(self, slot: Slot, budget: int) -> int:
-        """The slot's prompt tokens within `budget` up to a block boundary, short of the block that holds the
-        prompt's last token (whose call yields the first token: it starts the stream)."""
-        final_start = (len(slot.cached) + len(slot.pending) - 1) // self.prefill_block * self.prefill_block
-        return min(self._aligned_blocks(slot, budget), max(0, final_start - len(slot.cached)))
 
     def _slot_chunk(self, slot: Slot, budget: int) -> int:
         """Slots layout: the slot's prompt tokens for its next call. As many whole blocks as `budget` allows, each
@@ -783,6 +779,8 @@ class Engine:
         """Sample from `logits` (an output of the last decode, or a copy kept with the cache) and deliver."""
         assert self.model is not None and slot.sampler and slot.text and slot.job
         generation = slot.job.generation
+        if slot.job.streaming_since is None:
+            slot.job.streaming_since = time.perf_counter()
         step = slot.sampler.next(self.model, logits, generation.max_tokens - slot.n_generated)
         for token in step.tokens:
             if self.model.is_end_of_generation(token):
