@@ -220,14 +220,14 @@ def test_prompts_that_arrive_together_start_their_streams_together(idle_pool):
 
 
 def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path):
-    # At the smallest bound each step takes one 64-token block of the newcomer beside the running stream; with no
-    # bound the prompt goes in two steps of up to 512 tokens.
+    # At the smallest bound each step's call comes to one 64-token block: the running stream's token and 63 of the
+    # newcomer's; with no bound the prompt goes in two steps of up to 512 tokens.
     calls = {}
     for stall in ("1", "0"):
         args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "2048", "--max-stall-ms", stall)
         with ServerProcess(tmp_path / f"stall-{stall}.log", *args) as proc:
             calls[stall], prompt_tokens = prompt_calls_while_a_stream_runs(proc.url)
-    blocks = -(-prompt_tokens // 64)
-    assert blocks >= 12
-    assert calls["1"] == blocks
+    steps = -(-prompt_tokens // 63)
+    assert steps >= 12
+    assert calls["1"] == steps
     assert calls["0"] == 2

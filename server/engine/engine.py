@@ -53,7 +53,7 @@ log = logging.getLogger("server.engine")
 # block is computed as it would be in a call of its own (see _slot_chunk and LlamaModel.flash_attention), so every
 # position of a whole block is computed the same way whatever was cached and whatever else runs.
 # In the pool layout, where attention over the shared cells already ties a request's sums to its neighbours, a call
-# takes as many whole blocks as its budget allows (see _step_pool).
+# takes as many prompt tokens as its budget allows, aligned or not (see _step_pool).
 # A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU needs
 # large blocks to be busy. A block is also the least prompt work a step does while streams wait on it, so on a CPU
 # it shrinks as the model grows. On two cores the 8B stand-in computes 4 prompt tokens a call in 0.45 s, 8 in
@@ -574,26 +574,29 @@ class Engine:
     def _step_pool(
         self, slots: list[Slot], streams: dict[Path | None, list[tuple[Slot, list[int]]]], batch: llama.llama_batch
     ) -> None:
-        """Pool layout: per adapter, one decode call holds the running streams' tokens and as many whole blocks of
-        newly admitted prompts as the step's budget allows (at least one block, so prompts always advance). The
-        weights are read once per step, and an idle server computes a prompt in calls of a whole batch. llama.cpp
-        takes such a batch in one pass whatever its sequences hold; attention spans the pool's cells anyway, so
-        what runs beside a request can already change its output in rare near-ties (see the README)."""
+        """Pool layout: per adapter, one decode call holds the running streams' tokens and as many of newly admitted
+        prompts' tokens as the step's budget allows (under the stall bound, what brings the call to whole blocks:
+        at least one token, so prompts always advance). The weights are read once per step, and an idle server
+        computes a prompt in calls of a whole batch. llama.cpp takes such a batch in one pass whatever its
+        sequences hold; attention spans the pool's cells anyway, so what runs beside a request can already change
+        its output in rare near-ties (see the README)."""
         assert self.model is not None
-        room = self.model.n_batch - sum(len(tokens) for work in streams.values() for _, tokens in work)
+        stream_rows = sum(len(tokens) for work in streams.values() for _, tokens in work)
         prefilling, budget = self._prompt_work(slots, streams)
-        budget = min(room, budget)
+        if stream_rows and budget < self.model.n_batch:
+            # Under the stall bound the call's rows, the streams' and the prompts' together, come to whole blocks:
+            # ggml's CPU matrix kernels take rows in groups, and a call of one row more costs far more than a row.
+            # On the 8B stand-in (pool, 2 cores) a call of 16 rows took 1.21 s, of 17 1.47 s and of 15 1.56 s, so
+            # a stream's token and 15 prompt tokens take a step 0.26 s shorter than its token and a block of 16.
+            budget = max(1, (stream_rows + budget) // self.prefill_block * self.prefill_block - stream_rows)
+        budget = min(self.model.n_batch - stream_rows, budget)
         prompts: dict[Path | None, list[tuple[Slot, list[int]]]] = {}
         for slot in prefilling:
-            size = self._whole_blocks(slot, budget)
-            if not size:
-                size = self._next_block(slot)
-                if prompts or size > room:
-                    break
-            budget -= size
-            prompts.setdefault(slot.adapter, []).append((slot, slot.pending[:size]))
             if budget <= 0:
                 break
+            size = min(len(slot.pending), budget)
+            budget -= size
+            prompts.setdefault(slot.adapter, []).append((slot, slot.pending[:size]))
         for adapter in list(streams) + [a for a in prompts if a not in streams]:
             stream_work, prompt_work = streams.get(adapter, []), prompts.get(adapter, [])
             if not self._use_adapter(adapter, [slot for slot, _ in stream_work + prompt_work]):
@@ -614,10 +617,13 @@ class Engine:
         the step's budget (see _slot_chunk). llama.cpp gives each sequence its own attention stream here and
         splits a batch into equal shares per sequence, so a slot's chunk shares a call only with chunks of its own
         length: each block is then computed exactly as it would be alone, whatever else runs and whatever was
-        cached. The largest group of equal chunks goes first (the most tokens per pass over the weights). With no
-        stream running a step is one call: requests that arrived during it are admitted before the next, and
-        their prompts join the others' in shared calls, as llama-server batches prompts that arrive together,
-        instead of running one by one beside a stream that started a call earlier."""
+        cached. With no stream running the largest group of equal chunks goes first (the most tokens per pass over
+        the weights); beside running streams the first admitted prompt's does, so its stream starts soonest (by
+        size, three newcomers' last, shorter blocks on the 8B stand-in waited behind every whole block of the
+        others, and all three first tokens came together at the end, 58-62 s in). With no stream running a step
+        is one call: requests that arrived during it are admitted before the next, and their prompts join the
+        others' in shared calls, as llama-server batches prompts that arrive together, instead of running one by
+        one beside a stream that started a call earlier."""
         assert self.model is not None
         self._generate_seconds = 0.0
         for adapter, work in streams.items():
@@ -632,7 +638,10 @@ class Engine:
                     chunks.setdefault((size, slot.adapter), []).append(slot)
             if not chunks:
                 return
-            (size, adapter), group = max(chunks.items(), key=lambda chunk: chunk[0][0] * len(chunk[1]))
+            if streams:  # the first admitted prompt's chunk (dicts keep order), so its stream starts soonest
+                (size, adapter), group = next(iter(chunks.items()))
+            else:  # the most tokens per pass over the weights
+                (size, adapter), group = max(chunks.items(), key=lambda chunk: chunk[0][0] * len(chunk[1]))
             group = group[: max(1, budget // size)]
             if size * len(group) > budget:
                 return
@@ -686,17 +695,6 @@ class Engine:
         room = self.max_stall - self._generate_seconds
         fitting = int(self._prefill_rate * room) if self._prefill_rate and room > 0 else 0
         return min(self.model.n_batch, max(self.prefill_block, fitting))
-
-    def _whole_blocks(self, slot: Slot, budget: int) -> int:
-        """How many of the slot's prompt tokens fit in `budget` up to a block boundary (or the prompt's end)."""
-        if len(slot.pending) <= budget:
-            return len(slot.pending)
-        return self._aligned_blocks(slot, budget)
-
-    def _aligned_blocks(self, slot: Slot, budget: int) -> int:
-        """The slot's prompt tokens within `budget` up to a block boundary, never its last, shorter block."""
-        end = (len(slot.cached) + min(budget, len(slot.pending))) // self.prefill_block * self.prefill_block
-        return max(0, end - len(slot.cached))
 
     def _slot_chunk(self, slot: Slot, budget: int) -> int:
         """Slots layout: the slot's prompt tokens for its next call. As many whole blocks as `budget` allows, each
