@@ -147,7 +147,9 @@ def main() -> None:
             for measure, level in enumerate([0, *levels]):
                 shift = (round_ + measure) % len(servers)
                 for server in servers[shift:] + servers[:shift]:
-                    label = f"round {round_} {server.name}"
+                    # The same prompts for every contender (each has a cache of its own): a name in them would
+                    # make one contender's prompts tokens longer than another's.
+                    label = f"round {round_}"
                     if not level:
                         ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
                         continue
@@ -162,7 +164,7 @@ def main() -> None:
                     if server in ours:
                         overhead.setdefault((server.name, level), []).append(outside_decode_percent(server, before))
                 if not level:
-                    prompt = bare.tokenize(long_prompt(bare, f"round {round_} bare"))
+                    prompt = bare.tokenize(long_prompt(bare, f"round {round_}"))
                     ttft[BARE].append(bare.run(1, prompt).ttft_s)
                 elif level == 1:
                     decode.setdefault((BARE, 1), []).append(bare.run(args.tokens).decode_tps)
