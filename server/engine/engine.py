@@ -632,7 +632,7 @@ class Engine:
         prefilling, budget = self._prompt_work(slots, streams)
         while budget > 0:
             chunks: dict[tuple[int, Path | None], list[Slot]] = {}
-            for slot in prefilling:
+            for slot in (s for s in prefilling if s.prefilling):  # a prompt done in this step is a stream now
                 size = self._slot_chunk(slot, budget)
                 if size:
                     chunks.setdefault((size, slot.adapter), []).append(slot)
