@@ -231,3 +231,31 @@ def test_a_joining_prompt_takes_one_block_a_step_under_the_stall_bound(tmp_path)
     assert steps >= 12
     assert calls["1"] == steps
     assert calls["0"] == 2
+
+
+def test_a_prompt_finished_in_a_step_streams_beside_the_others_in_the_slots_layout(tmp_path):
+    # Slots layout, one block a step: a newcomer's last, shorter block leaves the step room for more. Its sampled
+    # tokens are a stream's from then on, one a step beside the running stream, never fed as prompt chunks within
+    # the step while the running stream waits (which gave the newcomer every token it asked for in one step).
+    args = ("--parallel", "2", "--ctx-size", "2048", "--kv-layout", "slots", "--max-stall-ms", "1")
+    with ServerProcess(tmp_path / "slots.log", *args) as proc:
+        newcomer_prompt = prompt_of(proc.url, "finished in a step", 400, 5)
+        order: list[str] = []
+
+        def stream(name: str, prompt: str, max_tokens: int) -> None:
+            body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+            with httpx.stream("POST", proc.url + run_url(), json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: {") and json.loads(line[6:]).get("response"):
+                        order.append(name)
+
+        with ThreadPoolExecutor(2) as clients:
+            running = clients.submit(stream, "running", COUNTING, 200)
+            while order.count("running") < 3:
+                time.sleep(0.01)
+            newcomer = clients.submit(stream, "newcomer", newcomer_prompt, 30)
+            running.result(), newcomer.result()
+    assert order.count("newcomer") >= 20, order
+    start = order.index("newcomer")
+    runs = "".join("n" if name == "newcomer" else "r" for name in order[start:]).split("r")
+    assert max(len(run) for run in runs) <= 10, order
