@@ -141,17 +141,18 @@ def main() -> None:
             streams(server, 1, 4, "warm-up")  # weights paged in, buffers allocated
         bare.run(4)
         for round_ in range(args.rounds):
+            # The same prompts for every contender (each has a cache of its own): a name in them would make one
+            # contender's prompts tokens longer than another's.
+            label = f"round {round_}"
+            first_prompt = long_prompt(bare, label)
             # Each measure in turn, every contender one after another within it (the order rotating with the
             # round and the measure), so the same measure of two contenders is seconds apart, not minutes: this
             # machine's speed drifts by 10-45% within minutes, and the ratios are taken within a round.
             for measure, level in enumerate([0, *levels]):
                 shift = (round_ + measure) % len(servers)
                 for server in servers[shift:] + servers[:shift]:
-                    # The same prompts for every contender (each has a cache of its own): a name in them would
-                    # make one contender's prompts tokens longer than another's.
-                    label = f"round {round_}"
                     if not level:
-                        ttft[server.name].append(first_token_seconds(server, long_prompt(bare, label)))
+                        ttft[server.name].append(first_token_seconds(server, first_prompt))
                         continue
                     before = engine_seconds(server) if server in ours else (0.0, 0.0)
                     results, wall = streams(server, level, args.tokens, f"{label} level {level}")
@@ -164,8 +165,7 @@ def main() -> None:
                     if server in ours:
                         overhead.setdefault((server.name, level), []).append(outside_decode_percent(server, before))
                 if not level:
-                    prompt = bare.tokenize(long_prompt(bare, f"round {round_}"))
-                    ttft[BARE].append(bare.run(1, prompt).ttft_s)
+                    ttft[BARE].append(bare.run(1, bare.tokenize(first_prompt)).ttft_s)
                 elif level == 1:
                     decode.setdefault((BARE, 1), []).append(bare.run(args.tokens).decode_tps)
         peaks = {server.name: peak_rss_gib(server.process.pid) for server in servers if server.process}

@@ -179,41 +179,29 @@ def prompt_of(url: str, tag: str, tokens: int, past_boundary: int) -> str:
         words += 1
 
 
-@pytest.fixture(scope="module")
-def idle_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """A pool at the smallest stall bound: a prompt joining a running stream goes one block a step."""
-    log = tmp_path_factory.mktemp("idle-pool") / "server.log"
-    with ServerProcess(
-        log, "--parallel", "2", "--kv-size", "4096", "--ctx-size", "4096", "--max-stall-ms", "1"
-    ) as proc:
-        yield proc
+def stream_into(order: list[str], url: str, name: str, prompt: str, max_tokens: int) -> None:
+    """Stream a raw completion, appending `name` to `order` for each event that carries text."""
+    body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    with httpx.stream("POST", url + run_url(), json=body, timeout=120) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:]).get("response"):
+                order.append(name)
 
 
-def test_prompts_that_arrive_together_start_their_streams_together(idle_pool):
+def test_prompts_that_arrive_together_start_their_streams_together(tmp_path):
     # An idle pool computes a long prompt in whole batches; a prompt that arrives meanwhile was queued before the
     # first stream started, so the step after that stream's first token takes it whole beside the stream's token,
     # and the second stream starts one step after the first. Had the stall bound counted it a newcomer, the second
     # prompt (~400 tokens, one 64-token block a step) would have kept its first token back for ~6 of the first
     # stream's tokens. Its last block holds 5 tokens, so no rule that treats prompts ending on a block boundary
     # differently passes by chance.
-    past_boundary = 5
+    args = ("--parallel", "2", "--kv-size", "4096", "--ctx-size", "4096", "--max-stall-ms", "1")
     order: list[str] = []
-
-    def stream(name: str, prompt: str, max_tokens: int) -> None:
-        body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-        with httpx.stream("POST", idle_pool.url + run_url(), json=body, timeout=120) as response:
-            for line in response.iter_lines():
-                if line.startswith("data: {") and json.loads(line[6:]).get("response"):
-                    order.append(name)
-
-    tag = f"cut {past_boundary}"
-    first_prompt, second_prompt = (
-        prompt_of(idle_pool.url, f"{tag} {name}", n, past_boundary) for name, n in (("first", 700), ("second", 400))
-    )
-    with ThreadPoolExecutor(2) as clients:
-        first = clients.submit(stream, "first", first_prompt, 30)
-        wait_for(idle_pool.url, "slots_busy", 1)  # admitted: its prompt's first calls are running
-        second = clients.submit(stream, "second", second_prompt, 4)
+    with ServerProcess(tmp_path / "together.log", *args) as proc, ThreadPoolExecutor(2) as clients:
+        first_prompt, second_prompt = (prompt_of(proc.url, name, n, 5) for name, n in (("first", 700), ("second", 400)))
+        first = clients.submit(stream_into, order, proc.url, "first", first_prompt, 30)
+        wait_for(proc.url, "slots_busy", 1)  # admitted: its prompt's first calls are running
+        second = clients.submit(stream_into, order, proc.url, "second", second_prompt, 4)
         first.result(), second.result()
     assert order.count("first") >= 20 and order.count("second") >= 2, order
     assert order[: order.index("second")].count("first") <= 2, order
@@ -241,19 +229,11 @@ def test_a_prompt_finished_in_a_step_streams_beside_the_others_in_the_slots_layo
     with ServerProcess(tmp_path / "slots.log", *args) as proc:
         newcomer_prompt = prompt_of(proc.url, "finished in a step", 400, 5)
         order: list[str] = []
-
-        def stream(name: str, prompt: str, max_tokens: int) -> None:
-            body = {"prompt": prompt, "raw": True, "max_tokens": max_tokens, "temperature": 0, "stream": True}
-            with httpx.stream("POST", proc.url + run_url(), json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line.startswith("data: {") and json.loads(line[6:]).get("response"):
-                        order.append(name)
-
         with ThreadPoolExecutor(2) as clients:
-            running = clients.submit(stream, "running", COUNTING, 200)
+            running = clients.submit(stream_into, order, proc.url, "running", COUNTING, 200)
             while order.count("running") < 3:
                 time.sleep(0.01)
-            newcomer = clients.submit(stream, "newcomer", newcomer_prompt, 30)
+            newcomer = clients.submit(stream_into, order, proc.url, "newcomer", newcomer_prompt, 30)
             running.result(), newcomer.result()
     assert order.count("newcomer") >= 20, order
     start = order.index("newcomer")
