@@ -68,6 +68,20 @@ def test_conversations_taking_turns_keep_their_own_prefixes(pool):
         assert usage["prompt_tokens_details"]["cached_tokens"] >= 256, (tag, usage)
 
 
+def test_the_pool_reuses_a_cached_prefix_to_the_token(pool):
+    # The slots layout reuses whole blocks only (its determinism); the pool reuses every cached token, as
+    # llama-server does, so a prompt extending a cached one computes only what it adds.
+    block = httpx.get(pool.url + "/health").json()["prefill_block"]
+    first = long_prompt(200, "extended")
+    counted = httpx.post(f"{pool.url}/ai/tokenize/{MODEL}", json={"prompt": first, "raw": True})
+    tokens = len(assert_ok(counted)["tokens"])
+    assert tokens % block  # not on a block boundary, so reuse by blocks would fall short
+    assert_ok(httpx.post(pool.url + run_url(), json={"prompt": first, "raw": True, "max_tokens": 1}, timeout=60))
+    body = {"prompt": first + " and then some more", "raw": True, "max_tokens": 1}
+    usage = assert_ok(httpx.post(pool.url + run_url(), json=body, timeout=60))["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == tokens, usage
+
+
 def test_a_request_that_could_never_fit_is_refused_with_the_numbers(pool):
     body = {"prompt": long_prompt(6000, "huge"), "raw": True}
     message = assert_error(httpx.post(pool.url + run_url(), json=body, timeout=60), 400, 5006, "context window")

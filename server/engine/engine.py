@@ -208,7 +208,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def reusable(cached: Sequence[int], prompt: Sequence[int], block: int) -> int:
-    """Prompt tokens whose cached KV can serve: whole blocks of the common prefix, never the last prompt token
+    """Prompt tokens whose cached KV can serve: the common prefix in whole `block`s, never the last prompt token
     (its logits are where generation starts, so it is always decoded again)."""
     return min(common_prefix(cached, prompt), len(prompt) - 1) // block * block
 
@@ -528,7 +528,11 @@ class Engine:
             return 0
         if slot.repeats(job.tokens):
             return len(job.tokens)
-        return reusable(slot.cached, job.tokens, self.prefill_block)
+        # Only the slots layout promises outputs independent of what was cached, and only by reusing whole blocks
+        # (see Determinism). In the pool every cached token serves, as in llama-server: a chat's system prompt or a
+        # conversation's history is reused to the token, not up to 15 tokens short of it (a second on the 8B).
+        block = 1 if self.model is not None and self.model.shared_pool else self.prefill_block
+        return reusable(slot.cached, job.tokens, block)
 
     def _assign(self, slot: Slot, job: _Job) -> None:
         assert self.model is not None
