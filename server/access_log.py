@@ -42,6 +42,8 @@ class AccessLog:
                     f" prompt_tokens={generation.prompt_tokens} cached_tokens={generation.cached_tokens}"
                     f" completion_tokens={generation.completion_tokens}"
                 )
+                if generation.token_gaps:  # the longest a token kept the client waiting once the stream had started
+                    tokens += f" longest_token_gap={max(generation.token_gaps):.3f}s"
             log.info(
                 "%s %s %d%s %.3fs",
                 scope["method"],

@@ -10,7 +10,7 @@ from .engine import Engine, Generation
 # Time to first token spans a cached one-token prompt on a GPU to a long prompt on two CPU cores.
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 # Between tokens: a small model on a GPU to an 8B model on a laptop.
-ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5)
+ITL_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2, 2.5)
 # llama_decode calls per prompt: one on an idle server, a block a step beside running streams under the stall bound.
 PROMPT_CALL_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -38,6 +38,12 @@ class ServerMetrics:
         self.itl = Histogram(
             "workers_ai_inter_token_seconds",
             "Between consecutive pieces of text of one request",
+            buckets=ITL_BUCKETS,
+            registry=self.registry,
+        )
+        self.token_gaps = Histogram(
+            "workers_ai_token_gap_seconds",
+            "Between consecutive tokens of one request as the engine made them (each step's, text or not)",
             buckets=ITL_BUCKETS,
             registry=self.registry,
         )
@@ -81,6 +87,8 @@ class ServerMetrics:
             self.ttft.observe(ttft)
         for gap in generation.piece_gaps:
             self.itl.observe(gap)
+        for gap in generation.token_gaps:
+            self.token_gaps.observe(gap)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -210,6 +210,11 @@ def test_metrics_count_this_tests_own_requests(client):
     assert delta("workers_ai_requests_total", '{status="200"}') >= 2
     assert delta("workers_ai_time_to_first_token_seconds_count") == 2
     assert delta("workers_ai_inter_token_seconds_count") >= 2
+    # A gap between tokens for every step after a request's first token (the last may end it instead of making
+    # one); a gap between pieces of text spans one or more of them.
+    steps = delta("workers_ai_token_gap_seconds_count")
+    assert sum(u["completion_tokens"] - 1 for u in usages) <= steps <= sum(u["completion_tokens"] for u in usages)
+    assert steps >= delta("workers_ai_inter_token_seconds_count")
     assert metric(after, "workers_ai_queue_depth") == 0
     assert metric(after, "workers_ai_slots_busy") == 0
     assert metric(after, "workers_ai_slots") == client.get("/health").json()["slots"]

@@ -87,9 +87,14 @@ def test_request_log_line(server, client):
     path = run_url(account="log-line-check")
     client.post(path, json={"prompt": "Say hi.", "max_tokens": 3})
     line = log_line(server, path)
-    assert re.search(
-        rf"POST {re.escape(path)} 200 prompt_tokens=\d+ cached_tokens=\d+ completion_tokens=[0-3] \d+\.\d+s$", line
-    ), line
+    logged = re.search(
+        rf"POST {re.escape(path)} 200 prompt_tokens=\d+ cached_tokens=\d+ completion_tokens=(?P<n>[0-3])"
+        r"(?P<gap> longest_token_gap=\d+\.\d{3}s)? \d+\.\d+s$",
+        line,
+    )
+    assert logged, line
+    # Every step after the first token (the one that ends the answer too) is a wait the line tells.
+    assert bool(logged["gap"]) == (logged["n"] != "0"), line
 
 
 def test_server_serves_after_cancellations(client):

@@ -138,6 +138,7 @@ class _Job:
     grammar: str | None = None  # llguidance's compiled form of request.grammar
     queued: float = field(default_factory=time.perf_counter)
     streaming_since: float | None = None  # when its first token was sampled
+    last_token_at: float | None = None  # when its latest token was
 
     @property
     def cells(self) -> int:
@@ -781,8 +782,12 @@ class Engine:
         """Sample from `logits` (an output of the last decode, or a copy kept with the cache) and deliver."""
         assert self.model is not None and slot.sampler and slot.text and slot.job
         generation = slot.job.generation
+        now = time.perf_counter()
         if slot.job.streaming_since is None:
-            slot.job.streaming_since = time.perf_counter()
+            slot.job.streaming_since = now
+        else:  # what a stream waits on the engine, a token that completes no character included
+            generation.token_gaps.append(now - (slot.job.last_token_at or now))
+        slot.job.last_token_at = now
         step = slot.sampler.next(self.model, logits, generation.max_tokens - slot.n_generated)
         for token in step.tokens:
             if self.model.is_end_of_generation(token):

@@ -64,6 +64,9 @@ class Generation:
         self.submitted_at = time.perf_counter()
         self.first_piece_at: float | None = None
         self.piece_gaps: list[float] = []  # seconds between consecutive text pieces
+        # Seconds between the engine's steps that made this request's tokens (written by the engine thread): a
+        # token that completes no character makes no piece, so one piece gap can span two of these.
+        self.token_gaps: list[float] = []
         self.on_cancel: Callable[[], None] | None = None
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
