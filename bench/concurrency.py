@@ -46,7 +46,9 @@ def counting_prompt(start: int) -> str:
 
 @dataclass
 class Result:
-    tokens: int = 0
+    tokens: int = 0  # events that carried text (a token that completes no character carries none)
+    generated: int | None = None  # tokens generated, as the server reports them, where it does
+    prompt_computed: int | None = None  # prompt tokens the server computed (not served from its cache)
     ttft: float | None = None
     gaps: list[float] = field(default_factory=list)
     ok: bool = False
@@ -62,6 +64,8 @@ class Contender:
     text_of: Callable[[dict], str | None]  # an SSE event's text, or None when it carries none
     is_end: Callable[[str], bool]  # the raw data line that closes a stream
     health: str = "/health"  # answers 200 once the server is ready
+    # (tokens generated, prompt tokens computed) from an event that reports them, else None
+    counts_of: Callable[[dict], tuple[int, int] | None] = lambda event: None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -113,6 +117,8 @@ class Contender:
         return result
 
     def _count(self, event: dict, result: Result, started: float, last: float | None) -> float | None:
+        if counts := self.counts_of(event):
+            result.generated, result.prompt_computed = counts
         text = self.text_of(event)
         if not text:
             return last
@@ -123,6 +129,15 @@ class Contender:
             result.gaps.append(now - last)
         result.tokens += 1
         return now
+
+
+def usage_counts(event: dict) -> tuple[int, int] | None:
+    """This server's counts, from the usage its last event carries."""
+    usage = event.get("usage")
+    if not usage:
+        return None
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return usage["completion_tokens"], usage["prompt_tokens"] - cached
 
 
 def in_one_pool(ours: Contender, name: str, kv_size: int = 0) -> Contender:
@@ -163,6 +178,7 @@ def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int
         ),
         lambda e: e.get("response"),
         lambda d: d == "[DONE]",
+        counts_of=usage_counts,
     )
     if LLAMA_SERVER.exists():
         port = free_port()
@@ -193,6 +209,7 @@ def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int
             ),
             lambda e: e.get("content"),
             lambda d: d.startswith("{") and json.loads(d).get("stop") is True,
+            counts_of=lambda e: (e["timings"]["predicted_n"], e["timings"]["prompt_n"]) if "timings" in e else None,
         )
     else:
         print(f"skipping llama-server: {LLAMA_SERVER} missing (run bench/build_llama_server.sh)", file=sys.stderr)

@@ -13,8 +13,10 @@ This server runs twice, in its two KV layouts: slots (each request 1,024 cells o
 Each round goes measure by measure, every contender in turn within a measure (the order rotates): time to first
 token of a 512-token prompt never seen before; then 1, 4 and 8 streams at once of greedy completions from short
 prompts: decode tokens/s per stream (tokens after the first over the time after the first, median over streams)
-and aggregate tokens/s (all tokens over the level's wall time, prompts included). The bare loop runs the
-512-token prompt and one stream. At the end, each server's peak resident memory (VmHWM: the mapped weights count
+and aggregate tokens/s (all tokens generated, as each server reports them, over the level's wall time, prompts
+included), with the prompt tokens each server computed rather than took from its cache (llama-server reuses a
+cached prefix to the token, this server's slots layout in whole blocks). The bare loop runs the 512-token prompt
+and one stream. At the end, each server's peak resident memory (VmHWM: the mapped weights count
 once per process), and this server's own share of its engine time outside llama_decode (its /metrics) at every
 level, in each layout. A ratio is taken within each round, between measures seconds apart, and the median over
 rounds reported.
@@ -133,6 +135,7 @@ def main() -> None:
     ttft: dict[str, list[float]] = {name: [] for name in names}
     decode: dict[tuple[str, int], list[float]] = {}
     aggregate: dict[tuple[str, int], list[float]] = {}
+    computed: dict[tuple[str, int], list[float]] = {}
     overhead: dict[tuple[str, int], list[float]] = {}
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:
@@ -159,7 +162,11 @@ def main() -> None:
                     decode.setdefault((server.name, level), []).append(
                         statistics.median(decode_rate(r) for r in results)
                     )
-                    aggregate.setdefault((server.name, level), []).append(sum(r.tokens for r in results) / wall)
+                    generated = sum(r.tokens if r.generated is None else r.generated for r in results)
+                    aggregate.setdefault((server.name, level), []).append(generated / wall)
+                    counts = [r.prompt_computed for r in results if r.prompt_computed is not None]
+                    if len(counts) == len(results):
+                        computed.setdefault((server.name, level), []).append(statistics.median(counts))
                     if args.gpu:
                         sample_vram(servers, vram)
                     if server in ours:
@@ -198,11 +205,13 @@ def main() -> None:
                 ratios.append(f"{statistics.median(per_round):.2f}x ({min(per_round):.2f}-{max(per_round):.2f})")
         lines.append(f"| {title} | {' | '.join(shown)} | {' | '.join(ratios)} |")
 
+    blanks = " |" * len(ratio_heads)
     row(f"TTFT, {PROMPT_TOKENS}-token prompt, s", ttft, lower_is_better=True, digits=2)
     for level in levels:
         row(f"decode tok/s per stream, {level} streams", {n: decode[n, level] for n in names if (n, level) in decode})
         row(f"aggregate tok/s, {level} streams", {n: aggregate[n, level] for n in names if (n, level) in aggregate})
-    blanks = " |" * len(ratio_heads)
+        counts = [summary(computed[n, level], 0) if (n, level) in computed else "-" for n in names]
+        lines.append(f"| prompt tokens computed per stream, {level} streams | {' | '.join(counts)} |{blanks}")
     lines.append(f"| peak RSS, GiB | {' | '.join(f'{peaks[n]:.2f}' for n in names)} |{blanks}")
     if vram:
         lines.append(f"| peak VRAM seen, GiB | {' | '.join(f'{vram.get(n, 0):.2f}' for n in names[:-1])} | - |{blanks}")

@@ -34,11 +34,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(*args: str, timeout: float = 600) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m server ARGS` once its /health answers 200; returns the process and its base URL."""
+def start_server(*args: str, timeout: float = 600, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m server ARGS` once its /health answers 200 (its log in `log`, else dropped); returns the process
+    and its base URL."""
     port = free_port()
     command = [sys.executable, "-m", "server", "--port", str(port), *args]
-    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=log.open("w") if log else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

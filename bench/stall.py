@@ -1,10 +1,14 @@
 """How long a running stream stalls when newcomers arrive: one stream generating, then three requests with
 ~100-token prompts arriving together. Reported per server setting, side by side and taking turns: the running
-stream's longest gap between tokens, the newcomers' time to first token, and aggregate tokens/s over the round.
+stream's longest gap between tokens (as the server's request log tells it: a token that completes no character
+sends no event, so the client's longest gap between events, also shown, can span two steps), the newcomers' time to
+first token, and aggregate tokens/s over the round.
 
-Compared: the default (`--max-stall-ms 1000`, prompt blocks sized by the model) against no stall bound
-(`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step, as llama-server does) and
-the default bound in one KV pool of the same cells (where the stream's token shares the blocks' call).
+Compared, each over 4 slots of 2,048 cells: the slots layout (what `auto` picks at `--ctx-size 2048`) under the
+default stall bound (`--max-stall-ms 1000`, prompt blocks sized by the model) and with no bound
+(`--prefill-block 64 --max-stall-ms 0`: a whole 512-token batch of prompt work per step, as llama-server does), and
+one KV pool of the same cells under the default bound (what `auto` picks for the 8B at its trained window; the
+stream's token shares the prompt tokens' call).
 
     .venv/bin/python bench/stall.py [--model llama31-8b] [--rounds 3] [--tokens 48]
 """
@@ -14,29 +18,34 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import re
 import statistics
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
+from concurrency import RESULTS
 from local_server import model_source, start_server
 
 from server.config import physical_cores
 
 URL = "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
+RUNNING = "/client/v4/accounts/running-stream/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"  # its own log lines
 SETTINGS = {
-    "stall bound (default)": [],
-    "no bound, 64-token blocks": ["--prefill-block", "64", "--max-stall-ms", "0"],
-    # One pool of the same 4 x 2048 cells: the stream's token shares the blocks' call (one pass over the weights).
-    "stall bound, one KV pool": ["--kv-layout", "pool", "--kv-size", "8192"],
+    "slots, stall bound": [],
+    "slots, no bound, 64-token blocks": ["--prefill-block", "64", "--max-stall-ms", "0"],
+    # One pool of the same 4 x 2048 cells: the stream's token shares the prompts' call (one pass over the weights).
+    "one pool, stall bound": ["--kv-layout", "pool", "--kv-size", "8192"],
 }
 NEWCOMER = "Here is a list of things to remember for the trip: " + ", ".join(f"item {i}" for i in range(1, 30))
 
 
 @dataclass
 class Round:
-    longest_gap: float
+    longest_token_gap: float
+    longest_event_gap: float
     newcomer_ttft: float
     tokens_per_s: float
 
@@ -51,14 +60,29 @@ def newcomer(base: str, label: str, results: list[float], started: float) -> Non
                 return
 
 
-def one_round(base: str, tokens: int, round_id: str) -> tuple[Round, int]:
+def longest_token_gap(log: Path, requests_before: int) -> float:
+    """The running stream's longest gap between tokens, from the access line of its request number
+    `requests_before` + 1 in the server's log."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        lines = [line for line in log.read_text().splitlines() if f"POST {RUNNING} 200" in line]
+        if len(lines) > requests_before:
+            found = re.search(r"longest_token_gap=(\d+\.\d+)s", lines[requests_before])
+            if found is None:
+                raise SystemExit(f"no longest_token_gap in {lines[requests_before]!r}")
+            return float(found[1])
+        time.sleep(0.1)
+    raise SystemExit(f"the running stream's request never reached {log}")
+
+
+def one_round(base: str, tokens: int, round_id: str, log: Path, requests_before: int) -> tuple[Round, int]:
     stamps: list[float] = []
     firsts: list[float] = []
     usage: dict = {}
     body = {"prompt": "1, 2, 3, 4, 5, 6, 7, 8,", "raw": True, "max_tokens": tokens, "temperature": 0, "stream": True}
     started = time.perf_counter()
     arrivals: list[threading.Thread] = []
-    with httpx.stream("POST", base + URL, json=body, timeout=900) as response:
+    with httpx.stream("POST", base + RUNNING, json=body, timeout=900) as response:
         for line in response.iter_lines():
             if not line.startswith("data: {"):
                 continue
@@ -78,7 +102,8 @@ def one_round(base: str, tokens: int, round_id: str) -> tuple[Round, int]:
     elapsed = time.perf_counter() - started
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     generated = usage.get("completion_tokens", len(stamps)) + 3 * 8
-    return Round(max(gaps), statistics.median(firsts), generated / elapsed), usage.get("prompt_tokens", 0)
+    token_gap = longest_token_gap(log, requests_before)
+    return Round(token_gap, max(gaps), statistics.median(firsts), generated / elapsed), usage.get("prompt_tokens", 0)
 
 
 def main() -> None:
@@ -88,25 +113,30 @@ def main() -> None:
     cli.add_argument("--tokens", type=int, default=48)
     args = cli.parse_args()
     model = model_source(args.model)
-    servers = {name: start_server("--model", model, "--parallel", "4", "--ctx-size", "2048", *extra)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    logs = {name: RESULTS / f"stall-{index}.log" for index, name in enumerate(SETTINGS)}
+    servers = {name: start_server("--model", model, "--parallel", "4", "--ctx-size", "2048", *extra, log=logs[name])
                for name, extra in SETTINGS.items()}  # fmt: skip
     results: dict[str, list[Round]] = {name: [] for name in SETTINGS}
     try:
-        for _, base in servers.values():
-            one_round(base, 8, "warm-up")  # weights paged in, buffers allocated
+        for name, (_, base) in servers.items():
+            one_round(base, 8, "warm-up", logs[name], 0)  # weights paged in, buffers allocated
         for round_ in range(args.rounds):
             for name, (_, base) in servers.items():
-                results[name].append(one_round(base, args.tokens, f"round {round_}")[0])
+                results[name].append(one_round(base, args.tokens, f"round {round_}", logs[name], round_ + 1)[0])
     finally:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait()
     print(f"model {args.model}, {physical_cores()} threads, {args.rounds} rounds taking turns; median (min-max)")
-    print("| setting | longest gap of the running stream, s | newcomers' TTFT, s | aggregate tok/s |")
-    print("|---|---:|---:|---:|")
+    print(
+        "| setting | running stream's longest gap between tokens, s | ... between events, s | newcomers' TTFT, s "
+        "| aggregate tok/s |"
+    )
+    print("|---|---:|---:|---:|---:|")
     for name, rounds in results.items():
         cells = []
-        for field in ("longest_gap", "newcomer_ttft", "tokens_per_s"):
+        for field in ("longest_token_gap", "longest_event_gap", "newcomer_ttft", "tokens_per_s"):
             values = [getattr(r, field) for r in rounds]
             cells.append(f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})")
         print(f"| {name} | {' | '.join(cells)} |")
