@@ -6,7 +6,7 @@ One server, one request at a time, rounds interleaved: each round sends a prompt
 start), then the same request again, then the conversation's next turn (the first answer plus a short question).
 TTFT is taken at the first streamed token; `cached_tokens` is what the server reports it reused.
 
-    .venv/bin/python bench/repeat_cache.py [--model SOURCE] [--rounds 7]
+    .venv/bin/python bench/repeat_cache.py [--model SOURCE] [--rounds 7] [--kv-layout auto|slots|pool]
 """
 
 from __future__ import annotations
@@ -66,9 +66,11 @@ def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     cli.add_argument("--model", default="smollm2-135m-instruct")
     cli.add_argument("--rounds", type=int, default=7)
+    cli.add_argument("--kv-layout", default="auto", help="slots reuse prefixes in whole blocks, the pool to the token")
     args = cli.parse_args()
-    proc, base = start_server("--model", model_source(args.model), "--ctx-size", "4096")
-    print(f"{args.model}, {physical_cores()} threads, {args.rounds} rounds, TTFT in ms (median, min-max)")
+    proc, base = start_server("--model", model_source(args.model), "--ctx-size", "4096", "--kv-layout", args.kv_layout)
+    layout = httpx.get(base + "/health").json()["kv_layout"]
+    print(f"{args.model}, {layout} layout, {physical_cores()} threads, {args.rounds} rounds, TTFT ms (median, min-max)")
     print("| prompt | request | prompt tokens | cached tokens | TTFT ms | spread |\n|---|---|---:|---:|---:|---|")
     try:
         with httpx.Client(base_url=base, timeout=600) as client:
