@@ -46,12 +46,13 @@ from .structured import Constraint, Vocabulary
 
 log = logging.getLogger("server.engine")
 
-# Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and
-# of prefix reuse. llama.cpp's kernels do not give bit-identical results for every split of a prompt (flash
-# attention takes a different path for a handful of queries than for many), so a prompt split one way on a cold
-# cache and another way around a reused prefix could sample differently at temperature 0. In the slots layout every
-# block is computed as it would be in a call of its own (see _slot_chunk and LlamaModel.flash_attention), so every
-# position of a whole block is computed the same way whatever was cached and whatever else runs.
+# Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and, in the
+# slots layout, of prefix reuse (the pool reuses a prefix to the token). llama.cpp's kernels do not give bit-identical
+# results for every split of a prompt (flash attention takes a different path for a handful of queries than for many),
+# so a prompt split one way on a cold cache and another way around a reused prefix could sample differently at
+# temperature 0. In the slots layout every block is computed as it would be in a call of its own (see _slot_chunk and
+# LlamaModel.flash_attention), so every position of a whole block is computed the same way whatever was cached and
+# whatever else runs.
 # In the pool layout, where attention over the shared cells already ties a request's sums to its neighbours, a call
 # takes as many prompt tokens as its budget allows, aligned or not (see _step_pool).
 # A CPU computes prompts about as fast in blocks of 64 as of 512 and wastes less of a reused prefix; a GPU needs
