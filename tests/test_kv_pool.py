@@ -82,6 +82,21 @@ def test_the_pool_reuses_a_cached_prefix_to_the_token(pool):
     assert usage["prompt_tokens_details"]["cached_tokens"] == tokens, usage
 
 
+def test_a_few_tokens_in_common_do_not_take_a_conversations_slot(pool):
+    # Which slot a request takes is decided by whole blocks in common, even where every cached token is reused: two
+    # chats that share a short system prompt (its turn well under one block) must not take each other's slot, or
+    # each new conversation would evict the one before it to save a few tokens (llama-server likewise picks a slot
+    # by how much of the prompt it holds, else the least recently used).
+    system = {"role": "system", "content": "You are terse. Answer in one short sentence."}
+    history = [system, {"role": "user", "content": "My name is Ada. " + "I like tea and chess. " * 30}]
+    first = assert_ok(httpx.post(pool.url + run_url(), json={"messages": history, "max_tokens": 8}, timeout=60))
+    other = {"messages": [system, {"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4}
+    assert_ok(httpx.post(pool.url + run_url(), json=other, timeout=60))
+    history += [{"role": "assistant", "content": first["response"]}, {"role": "user", "content": "My name?"}]
+    second = assert_ok(httpx.post(pool.url + run_url(), json={"messages": history, "max_tokens": 4}, timeout=60))
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= first["usage"]["prompt_tokens"]
+
+
 def test_a_request_that_could_never_fit_is_refused_with_the_numbers(pool):
     body = {"prompt": long_prompt(6000, "huge"), "raw": True}
     message = assert_error(httpx.post(pool.url + run_url(), json=body, timeout=60), 400, 5006, "context window")

@@ -498,12 +498,14 @@ class Engine:
             for slot in free:
                 if slot.session == session:
                     return slot
-        # The most reusable blocks win; among equals, a slot no conversation claims; then, in the slots layout, the
-        # one that leaves the busy slots in the fewest runs of consecutive sequence ids: llama.cpp decodes only
-        # consecutive streams in one pass, so every gap costs a pass over the weights (measured on the embedded
-        # model: 8 streams spread over 16 slots take 1.7x the step of 8 packed ones). Then an empty slot, then the
-        # least recently used (so that conversations taking turns do not evict each other's prefixes), then the
-        # lowest sequence id. In the pool layout one pass takes any sequences, and packing is not weighed.
+        # The most reusable whole blocks win (in the pool too, which then reuses every token in common: a few, such as a
+        # short system prompt's turn, do not make a slot another conversation's to evict); among equals, a slot no
+        # conversation claims; then, in the slots layout, the one that leaves the busy slots in the fewest runs of
+        # consecutive sequence ids: llama.cpp decodes only consecutive streams in one pass, so every gap costs a pass
+        # over the weights (measured on the embedded model: 8 streams spread over 16 slots take 1.7x the step of 8
+        # packed ones). Then an empty slot, then the least recently used (so that conversations taking turns do not
+        # evict each other's prefixes), then the lowest sequence id. In the pool layout one pass takes any sequences,
+        # and packing is not weighed.
         busy = {s.seq_id for s in slots if s.job is not None}
 
         def runs_with(slot: Slot) -> int:
@@ -515,7 +517,7 @@ class Engine:
         return max(
             free,
             key=lambda s: (
-                self._reusable(s, job),
+                self._reusable(s, job, self.prefill_block),
                 s.session is None,
                 -runs_with(s),
                 not s.cached,
@@ -524,21 +526,21 @@ class Engine:
             ),
         )
 
-    def _reusable(self, slot: Slot, job: _Job) -> int:
+    def _reusable(self, slot: Slot, job: _Job, block: int) -> int:
+        """Prompt tokens of `job` the slot's cache can serve, the common prefix in whole `block`s."""
         # KV computed under one adapter is wrong under another.
         if slot.adapter != job.request.adapter:
             return 0
         if slot.repeats(job.tokens):
             return len(job.tokens)
-        # Only the slots layout promises outputs independent of what was cached, and only by reusing whole blocks
-        # (see Determinism). In the pool every cached token serves, as in llama-server: a chat's system prompt or a
-        # conversation's history is reused to the token, not up to 15 tokens short of it (a second on the 8B).
-        block = 1 if self.model is not None and self.model.shared_pool else self.prefill_block
         return reusable(slot.cached, job.tokens, block)
 
     def _assign(self, slot: Slot, job: _Job) -> None:
         assert self.model is not None
-        reuse = self._reusable(slot, job)
+        # Only the slots layout promises outputs independent of what was cached, and only by reusing whole blocks
+        # (see Determinism). In the pool every cached token serves, as in llama-server: a chat's system prompt or a
+        # conversation's history is reused to the token, not up to 15 tokens short of it (a second on the 8B).
+        reuse = self._reusable(slot, job, 1 if self.model.shared_pool else self.prefill_block)
         slot.keep(self.model, reuse)
         slot.pending = job.tokens[reuse:]
         slot.job = job
