@@ -82,14 +82,16 @@ def test_the_pool_reuses_a_cached_prefix_to_the_token(pool):
     assert usage["prompt_tokens_details"]["cached_tokens"] == tokens, usage
 
 
-def test_a_few_tokens_in_common_do_not_take_a_conversations_slot(pool):
-    # Which slot a request takes is decided by whole blocks in common, even where every cached token is reused: two
-    # chats that share a short system prompt (its turn well under one block) must not take each other's slot, or
-    # each new conversation would evict the one before it to save a few tokens (llama-server likewise picks a slot
-    # by how much of the prompt it holds, else the least recently used).
+def test_a_short_conversation_keeps_its_slot_and_a_few_tokens_in_common_take_none(pool):
+    # In the pool every cached token in common is reused, but a slot is chosen by whole blocks in common, or by every
+    # token where the prompt extends all the slot holds. So a conversation's next turn finds its own slot however
+    # short its history (under one block here), and a new chat that shares only a short system prompt's turn with it
+    # does not take that slot, which would evict the conversation to save a few tokens.
+    block = httpx.get(pool.url + "/health").json()["prefill_block"]
     system = {"role": "system", "content": "You are terse. Answer in one short sentence."}
-    history = [system, {"role": "user", "content": "My name is Ada. " + "I like tea and chess. " * 30}]
+    history = [system, {"role": "user", "content": "My name is Ada and I like tea."}]
     first = assert_ok(httpx.post(pool.url + run_url(), json={"messages": history, "max_tokens": 8}, timeout=60))
+    assert first["usage"]["prompt_tokens"] < block
     other = {"messages": [system, {"role": "user", "content": "What is the capital of France?"}], "max_tokens": 4}
     assert_ok(httpx.post(pool.url + run_url(), json=other, timeout=60))
     history += [{"role": "assistant", "content": first["response"]}, {"role": "user", "content": "My name?"}]

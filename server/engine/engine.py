@@ -498,14 +498,12 @@ class Engine:
             for slot in free:
                 if slot.session == session:
                     return slot
-        # The most reusable whole blocks win (in the pool too, which then reuses every token in common: a few, such as a
-        # short system prompt's turn, do not make a slot another conversation's to evict); among equals, a slot no
-        # conversation claims; then, in the slots layout, the one that leaves the busy slots in the fewest runs of
-        # consecutive sequence ids: llama.cpp decodes only consecutive streams in one pass, so every gap costs a pass
-        # over the weights (measured on the embedded model: 8 streams spread over 16 slots take 1.7x the step of 8
-        # packed ones). Then an empty slot, then the least recently used (so that conversations taking turns do not
-        # evict each other's prefixes), then the lowest sequence id. In the pool layout one pass takes any sequences,
-        # and packing is not weighed.
+        # The strongest claim wins (see _claim); among equals, a slot no conversation claims; then, in the slots layout,
+        # the one that leaves the busy slots in the fewest runs of consecutive sequence ids: llama.cpp decodes only
+        # consecutive streams in one pass, so every gap costs a pass over the weights (measured on the embedded model: 8
+        # streams spread over 16 slots take 1.7x the step of 8 packed ones). Then an empty slot, then the least recently
+        # used (so that conversations taking turns do not evict each other's prefixes), then the lowest sequence id. In
+        # the pool layout one pass takes any sequences, and packing is not weighed.
         busy = {s.seq_id for s in slots if s.job is not None}
 
         def runs_with(slot: Slot) -> int:
@@ -517,7 +515,7 @@ class Engine:
         return max(
             free,
             key=lambda s: (
-                self._reusable(s, job, self.prefill_block),
+                self._claim(s, job),
                 s.session is None,
                 -runs_with(s),
                 not s.cached,
@@ -525,6 +523,16 @@ class Engine:
                 -s.seq_id,
             ),
         )
+
+    def _claim(self, slot: Slot, job: _Job) -> int:
+        """How many of the job's prompt tokens a free slot's cache would serve, for choosing the slot: whole blocks in
+        common, or in the pool every token in common where the prompt extends all the slot holds (a conversation's
+        next turn, however short). A few tokens in common with a longer history (a short system prompt's turn) claim
+        nothing, so a new chat does not evict another conversation to save them."""
+        assert self.model is not None
+        if self.model.shared_pool and (tokens := self._reusable(slot, job, 1)) >= len(slot.cached):
+            return tokens
+        return self._reusable(slot, job, self.prefill_block)
 
     def _reusable(self, slot: Slot, job: _Job, block: int) -> int:
         """Prompt tokens of `job` the slot's cache can serve, the common prefix in whole `block`s."""
