@@ -28,6 +28,12 @@ def long_prompt(tokens_wanted: int, tag: str) -> str:
     return f"{tag}: " + " ".join(f"word{i % 97}" for i in range(tokens_wanted // 3))
 
 
+def raw_tokens(url: str, prompt: str) -> int:
+    """How many tokens the server makes of a raw prompt."""
+    body = {"prompt": prompt, "raw": True}
+    return len(assert_ok(httpx.post(f"{url}/ai/tokenize/{MODEL}", json=body, timeout=60))["tokens"])
+
+
 def test_one_request_may_use_more_than_a_slots_former_share(pool):
     health = httpx.get(pool.url + "/health").json()
     assert (health["kv_size"], health["context_window"], health["slots"]) == (4096, 4096, 4)
@@ -73,8 +79,7 @@ def test_the_pool_reuses_a_cached_prefix_to_the_token(pool):
     # llama-server does, so a prompt extending a cached one computes only what it adds.
     block = httpx.get(pool.url + "/health").json()["prefill_block"]
     first = long_prompt(200, "extended")
-    counted = httpx.post(f"{pool.url}/ai/tokenize/{MODEL}", json={"prompt": first, "raw": True})
-    tokens = len(assert_ok(counted)["tokens"])
+    tokens = raw_tokens(pool.url, first)
     assert tokens % block  # not on a block boundary, so reuse by blocks would fall short
     assert_ok(httpx.post(pool.url + run_url(), json={"prompt": first, "raw": True, "max_tokens": 1}, timeout=60))
     body = {"prompt": first + " and then some more", "raw": True, "max_tokens": 1}
@@ -199,8 +204,7 @@ def prompt_of(url: str, tag: str, tokens: int, past_boundary: int) -> str:
 
     def prompt_and_count(words: int) -> tuple[str, int]:
         prompt = long_prompt(3 * words, tag)
-        body = {"prompt": prompt, "raw": True}
-        return prompt, len(assert_ok(httpx.post(f"{url}/ai/tokenize/{MODEL}", json=body, timeout=60))["tokens"])
+        return prompt, raw_tokens(url, prompt)
 
     words = tokens * 100 // prompt_and_count(100)[1]
     while True:

@@ -530,9 +530,11 @@ class Engine:
         next turn, however short). A few tokens in common with a longer history (a short system prompt's turn) claim
         nothing, so a new chat does not evict another conversation to save them."""
         assert self.model is not None
-        if self.model.shared_pool and (tokens := self._reusable(slot, job, 1)) >= len(slot.cached):
+        tokens = self._reusable(slot, job, 1)  # one pass over the common prefix per slot
+        if self.model.shared_pool and tokens >= len(slot.cached):
             return tokens
-        return self._reusable(slot, job, self.prefill_block)
+        # Whole blocks of it; an exact repeat (every prompt token, served from the kept logits) counts whole.
+        return tokens if tokens == len(job.tokens) else tokens // self.prefill_block * self.prefill_block
 
     def _reusable(self, slot: Slot, job: _Job, block: int) -> int:
         """Prompt tokens of `job` the slot's cache can serve, the common prefix in whole `block`s."""
@@ -794,10 +796,10 @@ class Engine:
         assert self.model is not None and slot.sampler and slot.text and slot.job
         generation = slot.job.generation
         now = time.perf_counter()
-        if slot.job.streaming_since is None:
+        if slot.job.last_token_at is None:
             slot.job.streaming_since = now
         else:  # what a stream waits on the engine, a token that completes no character included
-            generation.token_gaps.append(now - (slot.job.last_token_at or now))
+            generation.token_gaps.append(now - slot.job.last_token_at)
         slot.job.last_token_at = now
         step = slot.sampler.next(self.model, logits, generation.max_tokens - slot.n_generated)
         for token in step.tokens:
