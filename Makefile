@@ -25,12 +25,13 @@ LLAMA_CPP_VERSION := $(shell sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)",*$$/\1
 # Named by the pinned version, so a new pin rebuilds llama.cpp and no other change to pyproject.toml does.
 LLAMA_STAMP := $(VENV)/.installed-llama-$(LLAMA_CPP_VERSION)
 
-# pip compiles llama-cpp-python from source (about 5 minutes on 2 cores), never from its cache: a wheel cached by
-# an earlier build would be taken as it is, whatever flags built it. CMAKE_ARGS adds to the flags above.
+# llama-cpp-python is compiled once per machine, not once per venv: deploy/llama_wheel.sh keeps the built wheel in a
+# cache keyed by the version, these flags (with any CMAKE_ARGS), the compiler, Python and the CPU's features, and every
+# venv and clone installs from it (the first build takes about 5 minutes on 2 cores). pip's own cache is not used:
+# it would hand back a wheel whatever flags or CPU built it.
 $(LLAMA_STAMP): | $(BIN)/python
-	@echo "Building llama.cpp through llama-cpp-python $(LLAMA_CPP_VERSION) (about 5 minutes on 2 cores)..."
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS" $(BIN)/python -m pip install -q --progress-bar off --no-cache-dir \
-		--force-reinstall --no-deps llama-cpp-python==$(LLAMA_CPP_VERSION)
+	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS") && \
+		$(BIN)/python -m pip install -q --progress-bar off --no-deps --force-reinstall "$$wheel"
 	touch $@
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_STAMP)
@@ -48,12 +49,12 @@ $(VENV)/.installed-ray: $(VENV)/.installed
 	touch $@
 
 run: $(VENV)/.installed
-	$(BIN)/python -m server $(ARGS)
+	$(BIN)/python -m workers_ai_local $(ARGS)
 
 # The same API through Ray Serve, e.g. make ray-serve ARGS="--replicas 2 --threads 1" (a throwaway local cluster,
 # or --address HOST:PORT to join one).
 ray-serve: $(VENV)/.installed-ray
-	$(BIN)/python -m server.ray_serve $(ARGS)
+	$(BIN)/python -m workers_ai_local.ray_serve $(ARGS)
 
 test: $(VENV)/.installed-test browser workers
 	$(BIN)/python -m ruff check server tests bench models
@@ -105,10 +106,11 @@ bench-8b: $(VENV)/.installed-bench
 	$(BIN)/python bench/llama31_8b.py
 	$(BIN)/python bench/stall.py
 
-# Rebuild llama-cpp-python with CUDA; the server then offloads every layer to the GPU.
+# Rebuild llama-cpp-python with CUDA (cached like the CPU build, under its own key); the server then offloads every
+# layer to the GPU.
 cuda: $(VENV)/.installed
-	CMAKE_ARGS="-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --force-reinstall --no-deps \
-		--no-cache-dir llama-cpp-python==$(LLAMA_CPP_VERSION)
+	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)") && \
+		$(BIN)/python -m pip install -q --no-deps --force-reinstall "$$wheel"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules

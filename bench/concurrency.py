@@ -33,9 +33,10 @@ from pathlib import Path
 import httpx
 from local_server import free_port
 
-from server.config import CATALOG_PATH, PROJECT_ROOT, physical_cores
-from server.model_store import ModelStore
+from workers_ai_local.config import CATALOG_PATH, physical_cores
+from workers_ai_local.model_store import ModelStore
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = PROJECT_ROOT / "bench" / "results"
 LLAMA_SERVER = PROJECT_ROOT / "bench" / ".llama-server" / "bin" / "llama-server"
 
@@ -155,7 +156,7 @@ def contenders(model_path: Path, source: str, threads: int, slots: int, ctx: int
         [
             sys.executable,
             "-m",
-            "server",
+            "workers_ai_local",
             "--port",
             str(ours),
             "--model",

@@ -19,7 +19,7 @@ import time
 import httpx
 from local_server import model_source, start_server
 
-from server.config import physical_cores
+from workers_ai_local.config import physical_cores
 
 PROMPT = "Describe a made-up person: their name, age, city, and three hobbies."
 PERSON = {

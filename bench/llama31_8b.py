@@ -48,7 +48,7 @@ from concurrency import (
 from local_server import model_source
 from single_stream import BareLoop
 
-from server.config import physical_cores
+from workers_ai_local.config import physical_cores
 
 SLOTS, POOL, BARE = "this server, slots", "this server, one pool", "bare llama_decode"
 LLAMA_SERVER_NAME = "llama-server"

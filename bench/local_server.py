@@ -11,9 +11,8 @@ from pathlib import Path
 
 import httpx
 
-from server.config import PROJECT_ROOT
-
 # The stand-in models of Llama 3.1 (models/llama31_standin.py), built on first use into the tests' cache.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(PROJECT_ROOT / "models"))
 STANDIN_CACHE = Path(os.environ.get("WAI_STANDIN_CACHE") or Path.home() / ".cache" / "workers-ai-local" / "standin")
 STANDINS = {"llama31-tiny": "tiny", "llama31-8b": "llama31_8b_q4_k_m"}
@@ -35,10 +34,10 @@ def free_port() -> int:
 
 
 def start_server(*args: str, timeout: float = 600, log: Path | None = None) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m server ARGS` once its /health answers 200 (its log in `log`, else dropped); returns the process
-    and its base URL."""
+    """`python -m workers_ai_local ARGS` once its /health answers 200 (its log in `log`, else dropped); returns the
+    process and its base URL."""
     port = free_port()
-    command = [sys.executable, "-m", "server", "--port", str(port), *args]
+    command = [sys.executable, "-m", "workers_ai_local", "--port", str(port), *args]
     proc = subprocess.Popen(command, cwd=PROJECT_ROOT, stderr=log.open("w") if log else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -2,9 +2,9 @@
 what the Ray hop costs.
 
 Three deployments stay up side by side (same model, same total threads where compared):
-  ray 2x1      python -m server.ray_serve --replicas 2 --threads 1 (half the streams' slots each)
-  server 1x2   python -m server --threads 2 (all the slots)
-  server 1x1   python -m server --threads 1 (one replica's equal, for the hop's cost)
+  ray 2x1      python -m workers_ai_local.ray_serve --replicas 2 --threads 1 (half the streams' slots each)
+  server 1x2   python -m workers_ai_local --threads 2 (all the slots)
+  server 1x1   python -m workers_ai_local --threads 1 (one replica's equal, for the hop's cost)
 
 1. Aggregate tokens/s at `--streams` concurrent streams (bench/concurrency.py's clients: greedy counting prompts, no
    early stop), ray 2x1 against server 1x2, taking turns for `--rounds` rounds with fresh prompts each round.
@@ -78,9 +78,11 @@ def main() -> None:
 
     common = ("--model", args.model, "--ctx-size", "512")
     half = str(max(1, args.streams // 2))
-    ray = contender("ray 2x1", "server.ray_serve", "--replicas", "2", "--threads", "1", "--parallel", half, *common)
-    whole = contender("server 1x2", "server", "--threads", "2", "--parallel", str(args.streams), *common)
-    single = contender("server 1x1", "server", "--threads", "1", "--parallel", half, *common)
+    ray = contender(
+        "ray 2x1", "workers_ai_local.ray_serve", "--replicas", "2", "--threads", "1", "--parallel", half, *common
+    )
+    whole = contender("server 1x2", "workers_ai_local", "--threads", "2", "--parallel", str(args.streams), *common)
+    single = contender("server 1x1", "workers_ai_local", "--threads", "1", "--parallel", half, *common)
     deployments = [ray, whole, single]
     RESULTS.mkdir(parents=True, exist_ok=True)
     try:

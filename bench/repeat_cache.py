@@ -19,7 +19,7 @@ import time
 import httpx
 from local_server import model_source, start_server
 
-from server.config import physical_cores
+from workers_ai_local.config import physical_cores
 
 RUN = "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
 SHORT = "{nonce}: in one sentence, why does the sky look blue during the day?"

@@ -27,9 +27,10 @@ import httpx
 import llama_cpp as llama
 from local_server import start_server
 
-from server.config import CATALOG_PATH, PROJECT_ROOT, physical_cores
-from server.model_store import ModelStore
+from workers_ai_local.config import CATALOG_PATH, physical_cores
+from workers_ai_local.model_store import ModelStore
 
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ROOT = PROJECT_ROOT
 
 

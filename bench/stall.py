@@ -29,7 +29,7 @@ import httpx
 from concurrency import RESULTS
 from local_server import model_source, start_server
 
-from server.config import physical_cores
+from workers_ai_local.config import physical_cores
 
 URL = "/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"
 RUNNING = "/client/v4/accounts/running-stream/ai/run/@cf/meta/llama-3.1-8b-instruct-fast"  # its own log lines

@@ -1,4 +1,4 @@
-"""`python -m server`: check the --model value, then serve while the engine fetches and loads it."""
+"""`python -m workers_ai_local`: check the --model value, then serve while the engine fetches and loads it."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from .surfaces.binding import UpgradeProbeFilter
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
-    log = logging.getLogger("server")
+    log = logging.getLogger("workers_ai_local")
     if not settings.loopback and not (settings.api_token or settings.api_token_file):
         log.warning(
             "listening on %s with no API token: anyone who can reach this port can use the model; "

@@ -9,7 +9,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .metrics import ServerMetrics
 
-log = logging.getLogger("server.access")
+log = logging.getLogger("workers_ai_local.access")
 
 
 class AccessLog:

@@ -32,7 +32,7 @@ from .surfaces.operations import OperationsRoutes
 from .surfaces.workers_ai import WorkersAIRoutes
 from .text_generation import TextGeneration
 
-log = logging.getLogger("server.app")
+log = logging.getLogger("workers_ai_local.app")
 
 
 async def api_error(_request: Request, exc: Exception) -> Response:

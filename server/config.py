@@ -11,11 +11,18 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from importlib import resources
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-SCHEMAS_DIR = PROJECT_ROOT / "schemas"
-CATALOG_PATH = PROJECT_ROOT / "models" / "catalog.json"
+
+def package_folder(name: str) -> Path:
+    """A folder of package data (schemas, models, worker), found through the package wherever it is installed."""
+    return Path(str(resources.files(f"{__package__}.{name}")))
+
+
+SCHEMAS_DIR = package_folder("schemas")
+CATALOG_PATH = package_folder("models") / "catalog.json"
+WORKER_DIR = package_folder("worker")
 
 
 def physical_cores() -> int:
@@ -194,7 +201,7 @@ def _add_options(
 
 def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     cli = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="python -m workers_ai_local",
         description="Serve the Cloudflare Workers AI text-generation API for "
         "@cf/meta/llama-3.1-8b-instruct-fast on a local llama.cpp model.",
         epilog="Each flag can also be set by the environment variable shown beside it; a flag wins over it.",
@@ -218,8 +225,8 @@ def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] 
 
 @dataclass(frozen=True)
 class ClusterSettings:
-    """`python -m server.ray_serve`'s own settings: how many engine replicas Ray Serve runs and how it routes to
-    them. Every other flag is the server's (Settings), given to each replica."""
+    """`python -m workers_ai_local.ray_serve`'s own settings: how many engine replicas Ray Serve runs and how it
+    routes to them. Every other flag is the server's (Settings), given to each replica."""
 
     replicas: int = 1
     ray_address: str = ""
@@ -266,9 +273,10 @@ def load_cluster_settings(
     replica, which reads them with load_settings there)."""
     env = os.environ if environ is None else environ
     cli = argparse.ArgumentParser(
-        prog="python -m server.ray_serve",
+        prog="python -m workers_ai_local.ray_serve",
         description="Serve the same API through Ray Serve, on several engine replicas. Every flag of "
-        "`python -m server` is taken too and applies to each replica; --host and --port are the Serve proxy's.",
+        "`python -m workers_ai_local` is taken too and applies to each replica; --host and --port are the Serve "
+        "proxy's.",
         add_help=False,
     )
     _add_options(cli, ClusterSettings(), CLUSTER_OPTIONS, env)

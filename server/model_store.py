@@ -19,7 +19,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-log = logging.getLogger("server.download")
+log = logging.getLogger("workers_ai_local.download")
 
 
 class ModelSourceError(Exception):

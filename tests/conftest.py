@@ -34,10 +34,12 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m server` (or another entry point, such as server.ray_serve) in a child process of its own process
-    group, its log captured to a file."""
+    """`python -m workers_ai_local` (or another entry point, such as workers_ai_local.ray_serve) in a child process
+    of its own process group, its log captured to a file."""
 
-    def __init__(self, log_path: Path, *args: str, env: dict[str, str] | None = None, module: str = "server") -> None:
+    def __init__(
+        self, log_path: Path, *args: str, env: dict[str, str] | None = None, module: str = "workers_ai_local"
+    ) -> None:
         self.port = free_port()
         self.max_body_bytes = int(args[args.index("--max-body-bytes") + 1]) if "--max-body-bytes" in args else 4 << 20
         self.url = f"http://127.0.0.1:{self.port}"

@@ -8,7 +8,7 @@ import json
 import jsonschema
 import pytest
 
-from server.engine.completion import Completer, Layout
+from workers_ai_local.engine.completion import Completer, Layout
 
 STRING = {"type": "string"}
 CASES = {

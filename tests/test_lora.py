@@ -14,7 +14,7 @@ from conftest import MODEL, run_url
 from safetensors.numpy import save as save_bytes
 from test_contract import assert_error, assert_ok
 
-from server.adapters import BaseShape, peft_to_gguf
+from workers_ai_local.adapters import BaseShape, peft_to_gguf
 
 # SmolLM2-135M: 30 layers, 576-wide, 9 query heads and 3 key/value heads of 64.
 LAYERS, EMBED, HEADS, KV_HEADS = 30, 576, 9, 3

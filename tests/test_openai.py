@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from test_contract import assert_error, assert_ok
 
-from server.contract import documented
+from workers_ai_local.contract import documented
 
 WEATHER = {
     "type": "function",

@@ -1,6 +1,6 @@
-"""The API through Ray Serve: `python -m server.ray_serve` with 2 replicas of the embedded model (1 thread each) on a
-throwaway local cluster, driven as a user would: every surface, both official SDKs, a seed Worker in real workerd,
-session and prefix affinity, the cluster's /health and /metrics, a full queue, and a replica killed mid-answer.
+"""The API through Ray Serve: `python -m workers_ai_local.ray_serve` with 2 replicas of the embedded model (1 thread
+each) on a throwaway local cluster, driven as a user would: every surface, both official SDKs, a seed Worker in real
+workerd, session and prefix affinity, the cluster's /health and /metrics, a full queue, and a replica killed mid-answer.
 
 Ray is an extra (`make test` installs it); without it this module is skipped, saying so.
 """
@@ -61,7 +61,7 @@ def ray_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProce
     proc = ServerProcess(
         log, "--replicas", str(REPLICAS), "--threads", "1", "--parallel", str(PARALLEL), "--max-queue", str(QUEUE),
         "--ctx-size", "1024", "--kv-layout", "slots", "--health-period", "1", "--api-token", TOKEN,
-        module="server.ray_serve",
+        module="workers_ai_local.ray_serve",
     )  # fmt: skip
     with proc:
         wait_replicas_ready(proc.url, REPLICAS, timeout=120)
@@ -322,11 +322,13 @@ def test_the_serve_config_file_builds_the_application_it_describes():
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    from server.ray_serve.deployment import build_app
+    from workers_ai_local.ray_serve.deployment import build_app
 
     config = ServeDeploySchema.model_validate(yaml.safe_load((PROJECT_ROOT / "deploy" / "ray-serve.yaml").read_text()))
     (application,) = config.applications
-    assert application.import_path == "server.ray_serve.deployment:build_app" and application.route_prefix == "/"
+    assert (
+        application.import_path == "workers_ai_local.ray_serve.deployment:build_app" and application.route_prefix == "/"
+    )
     deployment = build_app(application.args)._bound_deployment
     assert deployment.name == application.deployments[0].name
     assert deployment.ray_actor_options == {"num_cpus": 0, "num_gpus": 1.0}

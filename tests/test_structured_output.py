@@ -16,7 +16,7 @@ from conftest import MODEL, metric, run_url
 from jsonschema import Draft202012Validator
 from test_contract import assert_error, assert_ok
 
-from server.json_values import parse_model_json
+from workers_ai_local.json_values import parse_model_json
 
 EVENT = {
     "type": "object",

@@ -44,7 +44,7 @@ from .llama_model import ATTENTION_QUERY_TILE, AdapterError, ContextSettings, De
 from .sampler import Sampler, SamplingParams
 from .structured import Constraint, Vocabulary
 
-log = logging.getLogger("server.engine")
+log = logging.getLogger("workers_ai_local.engine")
 
 # Prompts are computed in blocks of this many tokens, aligned to absolute positions: the unit of prompt work and, in the
 # slots layout, of prefix reuse (the pool reuses a prefix to the token). llama.cpp's kernels do not give bit-identical

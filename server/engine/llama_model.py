@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 
-log = logging.getLogger("server.llama")
+log = logging.getLogger("workers_ai_local.llama")
 
 # ggml's log levels (ggml.h of this build): 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
 # Its info level narrates every model load in a hundred lines, so it goes to debug with the rest.

@@ -1,4 +1,4 @@
-"""The same API served by Ray Serve over several engine replicas: `python -m server.ray_serve --replicas N`.
+"""The same API served by Ray Serve over several engine replicas: `python -m workers_ai_local.ray_serve --replicas N`.
 
 Each replica runs the whole app (`server.app.create_app`) over its own engine, so every surface behaves as on one
 server. Around the replicas:
@@ -9,5 +9,5 @@ server. Around the replicas:
 - proxy: middleware inside Serve's HTTP proxy (our error shapes for Ray's own answers, the cluster's /health and
   /metrics, prefix keys read from the body).
 
-Nothing here is imported by `python -m server`: Ray is an extra (`pip install -e '.[ray]'`).
+Nothing here is imported by `python -m workers_ai_local`: Ray is an extra (`pip install -e '.[ray]'`).
 """

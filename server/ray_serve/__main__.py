@@ -1,4 +1,5 @@
-"""`python -m server.ray_serve --replicas N [--address HOST:PORT] [server flags]`: the API through Ray Serve."""
+"""`python -m workers_ai_local.ray_serve --replicas N [--address HOST:PORT] [server flags]`: the API through Ray
+Serve."""
 
 from __future__ import annotations
 
@@ -10,15 +11,15 @@ from collections.abc import Sequence
 
 import httpx
 
-from server.config import ClusterSettings, configure_logging, load_cluster_settings
-from server.ray_serve import cluster
+from workers_ai_local.config import ClusterSettings, configure_logging, load_cluster_settings
+from workers_ai_local.ray_serve import cluster
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     # Every flag is checked before Ray starts: a typo costs no cluster.
     cluster_settings, settings, server_argv = load_cluster_settings(argv)
     configure_logging(settings.log_level)
-    log = logging.getLogger("server.ray_serve")
+    log = logging.getLogger("workers_ai_local.ray_serve")
     address = cluster_settings.ray_address
     connection = cluster.Cluster(address, cluster.environment(address, server_argv))
     stop = threading.Event()
@@ -27,7 +28,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Imported once Ray's environment is set (cluster.Cluster did it).
     from ray import serve
 
-    from server.ray_serve.deployment import APPLICATION, build
+    from workers_ai_local.ray_serve.deployment import APPLICATION, build
 
     try:
         quiet = {"enable_access_log": False}  # the app keeps its own access log, in each replica

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Sequence
 
 # Named in the proxy's environment: Serve calls it in each HTTP proxy to wrap its ASGI app (see proxy.py).
-PROXY_CALLBACK = "server.ray_serve.proxy.middlewares"
+PROXY_CALLBACK = "workers_ai_local.ray_serve.proxy.middlewares"
 # The server flags as given, for the proxy: it answers /metrics itself and must ask for the same API tokens.
 SERVER_ARGV_ENV = "WAI_SERVER_ARGV"
 LOOPBACK = "127.0.0.1"

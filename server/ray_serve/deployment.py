@@ -1,7 +1,7 @@
 """The engine replica, as a Ray Serve deployment, and the Serve application built from the settings.
 
 A replica is one engine (one model, one KV cache) and the whole app over it, behind Serve's HTTP proxy: each
-surface, the playground and the operations routes work exactly as on `python -m server`. Serve's late-bound
+surface, the playground and the operations routes work exactly as on `python -m workers_ai_local`. Serve's late-bound
 ingress (`@serve.ingress()` with `__serve_build_asgi_app__`) builds the app inside the replica's process, so the
 engine's thread is never pickled.
 """
@@ -19,13 +19,13 @@ from ray.serve.config import AutoscalingConfig, BackpressureConfig, RequestRoute
 from starlette.applications import Starlette
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.app import create_app, create_engine
-from server.config import CATALOG_PATH, ClusterSettings, Settings, configure_logging, load_settings
-from server.engine import Engine, EngineState
-from server.model_store import ModelStore
-from server.ray_serve import cluster
-from server.ray_serve.prefixes import PREFIX_HEADER, REPLICA_HEADER
-from server.surfaces.operations import health_report
+from workers_ai_local.app import create_app, create_engine
+from workers_ai_local.config import CATALOG_PATH, ClusterSettings, Settings, configure_logging, load_settings
+from workers_ai_local.engine import Engine, EngineState
+from workers_ai_local.model_store import ModelStore
+from workers_ai_local.ray_serve import cluster
+from workers_ai_local.ray_serve.prefixes import PREFIX_HEADER, REPLICA_HEADER
+from workers_ai_local.surfaces.operations import health_report
 
 DEPLOYMENT = "EngineReplica"
 APPLICATION = "workers-ai-local"
@@ -131,7 +131,7 @@ def build(cluster_settings: ClusterSettings, settings: Settings, server_argv: Se
         "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 5,
         "request_router_config": RequestRouterConfig(
-            request_router_class="server.ray_serve.router.AffinityRouter",
+            request_router_class="workers_ai_local.ray_serve.router.AffinityRouter",
             request_routing_stats_period_s=STATS_PERIOD_S,
             request_routing_stats_timeout_s=5,
         ),
@@ -150,9 +150,10 @@ def build(cluster_settings: ClusterSettings, settings: Settings, server_argv: Se
 
 
 def build_app(args: dict[str, Any]) -> Any:
-    """For a Serve config file (`import_path: server.ray_serve.deployment:build_app`): `args.argv` holds the same
-    flags as `python -m server.ray_serve`; a `deployments:` entry may then override replicas or autoscaling."""
-    from server.config import load_cluster_settings
+    """For a Serve config file (`import_path: workers_ai_local.ray_serve.deployment:build_app`): `args.argv` holds
+    the same flags as `python -m workers_ai_local.ray_serve`; a `deployments:` entry may then override replicas or
+    autoscaling."""
+    from workers_ai_local.config import load_cluster_settings
 
     cluster_settings, settings, server_argv = load_cluster_settings([str(a) for a in args.get("argv", [])])
     return build(cluster_settings, settings, server_argv)

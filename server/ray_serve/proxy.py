@@ -21,16 +21,16 @@ from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server import sse
-from server.auth import TokenCheck, is_openai_path, load_tokens
-from server.config import load_settings
-from server.errors import INTERNAL, OUT_OF_CAPACITY, ApiError
-from server.ray_serve import prefixes
-from server.ray_serve.cluster import SERVER_ARGV_ENV
-from server.surfaces import openai, workers_ai
-from server.text_generation import CAPACITY_EXCEEDED
+from workers_ai_local import sse
+from workers_ai_local.auth import TokenCheck, is_openai_path, load_tokens
+from workers_ai_local.config import load_settings
+from workers_ai_local.errors import INTERNAL, OUT_OF_CAPACITY, ApiError
+from workers_ai_local.ray_serve import prefixes
+from workers_ai_local.ray_serve.cluster import SERVER_ARGV_ENV
+from workers_ai_local.surfaces import openai, workers_ai
+from workers_ai_local.text_generation import CAPACITY_EXCEEDED
 
-log = logging.getLogger("server.ray_serve.proxy")
+log = logging.getLogger("workers_ai_local.ray_serve.proxy")
 REPLICA_STOPPED = "Internal server error: the replica serving this request stopped"
 # Ray's status (text/plain) -> ours
 RAY_ERRORS = {

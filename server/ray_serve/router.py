@@ -7,7 +7,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from server.ray_serve import prefixes
+from workers_ai_local.ray_serve import prefixes
 
 
 class AffinityRouter(RequestRouter):

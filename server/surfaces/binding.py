@@ -32,7 +32,7 @@ from ..text_generation import TextGeneration
 from .catalog import BINDING_MODELS_PATH as MODELS_PATH
 from .workers_ai import answer_run
 
-log = logging.getLogger("server.binding")
+log = logging.getLogger("workers_ai_local.binding")
 
 MODEL_HEADER = "cf-consn-model-id"
 REQUEST_ID_HEADER = "cf-ai-req-id"
