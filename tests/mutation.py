@@ -14,6 +14,7 @@ the project accepts carries its reason in `accepted`; any other survivor is a ga
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -77,11 +78,31 @@ def copy_tree(target: Path, tests_from: str | None) -> None:
         subprocess.run(["tar", "-x", "-C", str(target)], input=archive.stdout, check=True)
 
 
+def package_view(tree: Path) -> Path:
+    """A folder for PYTHONPATH in which `import workers_ai_local` is the tree's own server/ (the venv's editable
+    install points at the repository, not at this copy): the package's folders as pyproject's package-dir maps them,
+    made of links to the tree's files, so a module's resolved path is still the tree's."""
+    view = tree / ".package-view"
+    shutil.rmtree(view, ignore_errors=True)  # a copied tree's view links to the tree it was copied from
+    mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(mapping.items(), reverse=True):
+        target = view.joinpath(*package.split("."))
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in (tree / folder).iterdir():
+            if not (target / entry.name).exists():  # a subpackage's own folder, made above, wins
+                (target / entry.name).symlink_to(entry)
+    return view
+
+
 def suite_passes(tree: Path, selection: list[str], extra: list[str]) -> bool:
     """The selected tests pass (stopping at the first failure). pytest's exit 5, no test collected, is a pass:
     a hint that names no test of an older suite."""
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *extra, *selection]
-    run = subprocess.run(command, cwd=tree, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(package_view(tree)), os.environ.get("PYTHONPATH")])),
+    }
+    run = subprocess.run(command, cwd=tree, capture_output=True, text=True, env=env)
     return run.returncode in (0, 5)
 
 
