@@ -70,6 +70,7 @@ EXTERNAL_FLAGS: dict[str, set[str]] = {
     "docker": {"--rm", "--publish", "--volume", "--env", "--gpus", "--name", "--tag", "--file", "--interactive"},
     "git": {"--depth", "--branch"},
     "uv": {"--python", "--with"},
+    "llama-server": {"--kv-unified", "--parallel", "--ctx-size", "--n-gpu-layers", "--flash-attn", "--cont-batching"},
 }
 # What runs what: the first word of a command, or python -m's module, to the tool whose flags it takes.
 PROGRAMS = {"python": "python", "python3": "python", ".venv/bin/python": "python", "npx": "npx", "make": "make"}
@@ -319,10 +320,11 @@ def documented_flags(path: Path) -> list[tuple[str, str, str, set[str]]]:
                 found += [(flag, block.where, tool, flags) for flag in FLAG.findall(command)]
         elif block.lang not in PYTHON | JAVASCRIPT | {"ts", "typescript"}:  # code's own -- operators are not flags
             found += [(flag, block.where, "this project", all_project_flags()) for flag in FLAG.findall(block.code)]
-    for span in re.findall(r"`([^`\n]+)`", prose_of(path)):
+    # Inline code may wrap across lines: a span is whatever lies between a pair of backticks.
+    for span in (" ".join(span.split()) for span in re.findall(r"`([^`]+)`", prose_of(path))):
         tool, flags = _tool_of(span) if FLAG.search(span) else ("prose", set())
         found += [(flag, f"{relative} (`{span}`)", tool, flags) for flag in FLAG.findall(span)]
-    prose = re.sub(r"`[^`\n]+`", "", prose_of(path))
+    prose = re.sub(r"`[^`]+`", " ", prose_of(path))
     found += [(flag, f"{relative} (text)", "this project", all_project_flags()) for flag in FLAG.findall(prose)]
     return found
 
