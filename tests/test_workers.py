@@ -211,7 +211,7 @@ def test_binding_options_and_models(worker: WorkerHost, server: ServerProcess):
     assert server.log().count("AI Gateway options are accepted and ignored") == 1
     models = probe(worker, "/models")
     assert models["ok"] and MODEL in [m["name"] for m in models["value"]]
-    if worker.kind == "miniflare":  # an RPC entrypoint cannot keep per-call state (see README)
+    if worker.kind == "miniflare":  # an RPC entrypoint cannot keep per-call state (see docs/workers.md)
         assert len(probe(worker, "/request-id")["id"]) == 36
 
 

@@ -597,7 +597,7 @@ class Engine:
         at least one token, so prompts always advance). The weights are read once per step, and an idle server
         computes a prompt in calls of a whole batch. llama.cpp takes such a batch in one pass whatever its
         sequences hold; attention spans the pool's cells anyway, so what runs beside a request can already change
-        its output in rare near-ties (see the README)."""
+        its output in rare near-ties (see docs/determinism.md)."""
         assert self.model is not None
         stream_rows = sum(len(tokens) for work in streams.values() for _, tokens in work)
         prefilling, budget = self._prompt_work(slots, streams)

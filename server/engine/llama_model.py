@@ -237,7 +237,7 @@ class LlamaModel:
         8B stand-in: calls of any whole multiple of 8 tokens, a stream alone and beside another at 300 and 600
         cells), so the slots layout on a CPU runs without it wherever the scores fit SCORES_LIMIT. It costs little:
         on the embedded model, servers taking turns, decode was 2-5% faster without it and a 400-token
-        prompt 3% slower (see the README)."""
+        prompt 3% slower (see docs/determinism.md)."""
         if settings.flash_attention != "auto":
             return settings.flash_attention == "on"
         return (
