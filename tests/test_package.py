@@ -2,7 +2,8 @@
 into a fresh venv, and the `workers-ai-local` command run from a folder that is not the repository.
 
 One venv serves the whole module. llama-cpp-python comes from the wheel `make` built and cached for this machine
-(`make llama-wheel`); nothing is compiled here. The other dependencies come from pip's cache or the registry.
+(`make llama-wheel`); nothing is compiled here. The other dependencies come from uv's (or pip's) cache or the
+registry.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 from conftest import PROJECT_ROOT, free_port
 from hub_standin import HubStandIn
 from test_models import REPO_FILE, SMOL
@@ -64,7 +67,9 @@ class Installed:
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment without anything that points Python at the repository or at our venv."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
-    return {**env, "PYTHONUNBUFFERED": "1", **(extra or {})}
+    # Servers here decode on one thread: llama.cpp's threads meet at a barrier every step, and on a machine shared by
+    # many runs a thread waiting for its core stalls every token (seconds per token, seen under a load of 20).
+    return {**env, "PYTHONUNBUFFERED": "1", "WAI_THREADS": "1", **(extra or {})}
 
 
 def checked(command: list[str], **kwargs: object) -> subprocess.CompletedProcess:
@@ -88,8 +93,13 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     (sdist,) = dist.glob("workers_ai_local-*.tar.gz")
     venv = root / "venv"
     checked([sys.executable, "-m", "venv", str(venv)])
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--progress-bar", "off"]
-    checked([*pip, str(wheel), llama], env=clean_env(), timeout=600)
+    # uv where `make` installed it (seconds from its cache), else the venv's pip: the same wheels either way.
+    uv = Path(sys.executable).parent / "uv"
+    if uv.is_file():
+        install = [str(uv), "pip", "install", "-q", "--python", str(venv / "bin" / "python")]
+    else:
+        install = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--progress-bar", "off"]
+    checked([*install, str(wheel), llama], env=clean_env(), timeout=600)
     home = root / "home"
     (home / "models").mkdir(parents=True)
     (home / "schemas").mkdir()
@@ -237,3 +247,144 @@ def test_worker_prints_the_packaged_entrypoint(installed):
     assert folder.is_relative_to(installed.venv / "lib")
     assert 'main = "src/index.js"' in (folder / "wrangler.toml").read_text()
     assert (folder / "src" / "index.js").is_file()
+
+
+# The CI recipes of examples/ci/, their server steps run here as the CI system would run them, against the package
+# installed above (its install step then finds it installed; the llama.cpp compile branch is not taken: the wheel
+# cache is laid out as a restored cache would be). Their vitest step is what tests/test_workers.py runs, against the
+# session's server: workerd's start costs a minute here, once is enough.
+
+
+def runner_env(installed: Installed, home: Path, wheels: Path) -> dict[str, str]:
+    """A runner's environment: its HOME, a wheel cache restored into `wheels`, and the installed package's python,
+    pip and workers-ai-local first on PATH."""
+    wheels.mkdir(parents=True)
+    llama = Path(checked(["make", "-s", "--no-print-directory", "llama-wheel"], cwd=PROJECT_ROOT).stdout.strip())
+    (wheels / llama.name).symlink_to(llama)
+    path = f"{installed.venv / 'bin'}:{os.environ['PATH']}"
+    return clean_env({"HOME": str(home), "PATH": path, "PIP_CACHE_DIR": str(Path.home() / ".cache" / "pip")})
+
+
+def run_step(script: str, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    # GitHub's `shell: bash` (and what GitLab's shell executor does to each line): stop at the first failure.
+    bash = ["bash", "--noprofile", "--norc", "-eo", "pipefail", "-c", script]
+    return checked(bash, env=env, cwd=cwd, timeout=timeout)
+
+
+def stop_pid_file(path: Path) -> None:
+    if path.is_file():
+        pid = int(path.read_text())
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        for _ in range(300):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_github_actions_recipe_installs_pulls_and_serves(installed, tmp_path):
+    workflow = yaml.safe_load((PROJECT_ROOT / "examples/ci/github-actions.yml").read_text())
+    steps = {step.get("name"): step["run"] for step in workflow["jobs"]["vitest"]["steps"] if "run" in step}
+    home = tmp_path / "runner-home"
+    env = runner_env(installed, home, home / ".cache/workers-ai-local/wheels")
+    port = free_port()
+    project = tmp_path / "project"
+    project.mkdir()
+    llama = "bartowski/Meta-Llama-3.1-8B-Instruct-GGUF/Meta-Llama-3.1-8B-Instruct-Q4_K_M.gguf"
+    with HubStandIn({llama: SMOL}) as hub:
+        env |= {key: str(value) for key, value in workflow["env"].items()}
+        env |= {
+            "WORKERS_AI_LOCAL_PACKAGE": str(installed.wheel),
+            # The 8B's catalog name, its bytes the small model's: the real download path into the cache.
+            "WAI_MODEL": "llama-3.1-8b-instruct-q4_k_m",
+            "HF_ENDPOINT": hub.url,
+            "WAI_PORT": str(port),
+            "WORKERS_AI_LOCAL": f"http://127.0.0.1:{port}",
+            "WAI_CTX_SIZE": "1024",
+        }
+        run_step(steps["Install workers-ai-local"], env, project)
+        pulled = run_step(steps["Pull the model"], env, project)
+    # Where actions/cache keeps the model between runs.
+    assert Path(pulled.stdout.strip()).is_relative_to(home / ".cache/huggingface/hub")
+    try:
+        run_step(steps["Start workers-ai-local"], {**env, "HF_HUB_OFFLINE": "1"}, project)
+        answer = httpx.post(
+            f"http://127.0.0.1:{port}/client/v4/accounts/0123456789abcdef/ai/run/@cf/meta/llama-3.1-8b-instruct-fast",
+            json={"prompt": "Say hi.", "max_tokens": 4},
+            timeout=300,
+        )
+        assert answer.status_code == 200 and answer.json()["result"]["response"]
+    finally:
+        stop_pid_file(project / "workers-ai-local.pid")
+    assert "Traceback" not in (project / "workers-ai-local.log").read_text()
+
+
+def test_gitlab_recipe_installs_pulls_and_serves(installed, tmp_path):
+    job = yaml.safe_load((PROJECT_ROOT / "examples/ci/gitlab-ci.yml").read_text())
+    variables = job["variables"]
+    project = tmp_path / "project"
+    env = runner_env(installed, tmp_path / "runner-home", project / ".cache/workers-ai-local/wheels")
+    # The job's own venv is the installed one (making another would install everything again).
+    (project / ".venv-ai").symlink_to(installed.venv)
+    port = free_port()
+    overrides = {
+        "CI_PROJECT_DIR": str(project),
+        "WORKERS_AI_LOCAL_PACKAGE": str(installed.wheel),
+        "WAI_PORT": str(port),
+        "WORKERS_AI_LOCAL": f"http://127.0.0.1:{port}",
+    }
+    exports = "".join(f'export {key}="{overrides.get(key, value)}"\n' for key, value in variables.items())
+    # apt-get installs the compiler into the job's Debian image; this machine has its own.
+    lines = [line for line in job["vitest"]["before_script"] if not line.startswith("apt-get")]
+    script = f"export CI_PROJECT_DIR={project}\n{exports}" + "\n".join(lines)
+    try:
+        run_step(script, env, project)
+        # The model came from the package; the folders GitLab caches hold the wheel the install step found.
+        assert any((project / ".cache/workers-ai-local/wheels").glob("llama_cpp_python-*.whl"))
+        health = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+        assert health.status_code == 200 and health.json()["status"] == "ready"
+    finally:
+        stop_pid_file(project / "workers-ai-local.pid")
+
+
+def test_compose_services_environment_serves_and_its_healthcheck_passes(installed, tmp_path):
+    compose = yaml.safe_load((PROJECT_ROOT / "examples/ci/docker-compose.yml").read_text())
+    service = compose["services"]["workers-ai-local"]
+
+    def interpolated(value: str) -> str:  # compose's ${VAR:-default}, from an empty environment
+        return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+    port = free_port()
+    environment = {key: interpolated(str(value)) for key, value in service["environment"].items()}
+    assert environment["WAI_HOST"] == "0.0.0.0"  # in the container; every server a test starts stays on loopback
+    environment |= {"WAI_HOST": "127.0.0.1", "WAI_PORT": str(port), "HF_HOME": str(tmp_path / "hf")}
+    log = (tmp_path / "compose.log").open("w")
+    server = subprocess.Popen(
+        [str(installed.command)],
+        cwd=installed.home,
+        env=clean_env(environment),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD"
+        probe = [str(installed.venv / "bin" / "python") if test[1] == "python3" else test[1], *test[2:]]
+        probe = [part.replace(":8787/", f":{port}/") for part in probe]
+        # Unhealthy (exit 1) until the model is loaded, healthy after: compose's depends_on waits on exactly this.
+        deadline = time.monotonic() + 300
+        while subprocess.run(probe, capture_output=True, timeout=30).returncode != 0:
+            assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "compose.log").read_text()
+            time.sleep(0.5)
+        ports = service["ports"]
+        assert ports == ["127.0.0.1:8787:8787"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
