@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from workers_ai_local.config import physical_cores
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "@cf/meta/llama-3.1-8b-instruct-fast"
 # The stand-in model generator, shared with the benchmarks, and where its models are built (once, then reused).
@@ -25,6 +27,9 @@ TEST_CTX = 1024
 # The token of the `guarded` server, whose body limit is also small enough to pass cheaply.
 GUARD_TOKEN = "flag-token"
 GUARD_BODY_LIMIT = 32768
+# `make test` runs test files in parallel (pytest -n): each worker's servers get their share of the cores, since
+# llama.cpp's threads spin while they wait for each other and, outnumbering the cores, took seconds a token.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
 def free_port() -> int:
@@ -38,8 +43,15 @@ class ServerProcess:
     of its own process group, its log captured to a file."""
 
     def __init__(
-        self, log_path: Path, *args: str, env: dict[str, str] | None = None, module: str = "workers_ai_local"
+        self,
+        log_path: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        module: str = "workers_ai_local",
+        default_threads: bool = False,
     ) -> None:
+        if WORKERS > 1 and not default_threads and "--threads" not in args:
+            args = ("--threads", str(max(1, physical_cores() // WORKERS)), *args)
         self.port = free_port()
         self.max_body_bytes = int(args[args.index("--max-body-bytes") + 1]) if "--max-body-bytes" in args else 4 << 20
         self.url = f"http://127.0.0.1:{self.port}"

@@ -136,7 +136,8 @@ def test_help_documents_every_option_and_its_variable():
 
 
 def test_environment_configures_and_flags_win(tmp_path):
-    proc = ServerProcess(tmp_path / "env.log", "--parallel", "2", env={"WAI_CTX_SIZE": "768", "WAI_PARALLEL": "3"})
+    env = {"WAI_CTX_SIZE": "768", "WAI_PARALLEL": "3"}
+    proc = ServerProcess(tmp_path / "env.log", "--parallel", "2", env=env, default_threads=True)
     try:
         proc.wait_ready()
         health = httpx.get(proc.url + "/health").json()
