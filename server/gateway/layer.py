@@ -25,6 +25,7 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -280,12 +281,31 @@ class GatewayLayer:
 
         hit = self.store.lookup(key) if caching and not options.skip_cache else None
         if hit is not None:
-            content_type = await self._replay(hit, target, log_id, send)
-            log(hit.status, True, content_type, b"".join(hit.chunks), hit.usage)
+            content_type = dict(hit.headers).get("content-type")
+            await self._replay(
+                hit, target, log_id, send, lambda: log(hit.status, True, content_type, b"".join(hit.chunks), hit.usage)
+            )
             return
 
         inner = raw if body is None or match is None or target.endpoint == "binding" else json.dumps(body).encode()
         status, sent_headers, chunks = 0, [], []
+        finished = False
+
+        def finish(completed: bool) -> None:
+            """Log the answer, and cache it if it is whole: before its last bytes go out, so that a client that
+            asks again (or reads the logs) as soon as it has them finds both."""
+            nonlocal finished
+            if finished:
+                return
+            finished = True
+            content_type = dict(sent_headers).get("content-type")
+            stream = (content_type or "").startswith("text/event-stream")
+            whole = b"".join(chunks)
+            usage = usage_of(whole, stream)
+            log(status if completed else (499 if status else 500), False, content_type, whole, usage)
+            if caching and completed and status == 200 and (not stream or whole.endswith(SSE_END)):
+                kept = [(k, v) for k, v in sent_headers if k.lower() not in PER_ANSWER]
+                self.store.store(key, target.gateway, CachedAnswer(status, kept, chunks, usage), ttl)
 
         async def capture(message: Message) -> None:
             nonlocal status, sent_headers
@@ -296,27 +316,22 @@ class GatewayLayer:
                 if log_id is not None:
                     extra.append((b"cf-aig-log-id", log_id.encode()))
                 message = {**message, "headers": [*message.get("headers", []), *extra]}
-            elif message["type"] == "http.response.body" and message.get("body"):
-                chunks.append(message["body"])
+            elif message["type"] == "http.response.body":
+                if message.get("body"):
+                    chunks.append(message["body"])
+                if not message.get("more_body", False):
+                    finish(completed=True)
             await send(message)
 
-        completed = False
         try:
             await self.app(_inner(scope, target.inner_path, len(inner)), _replaying(inner, receive), capture)
-            completed = True
         finally:
-            content_type = dict(sent_headers).get("content-type")
-            stream = (content_type or "").startswith("text/event-stream")
-            whole = b"".join(chunks)
-            usage = usage_of(whole, stream)
-            log(status if completed else 499, False, content_type, whole, usage)
-            finished = completed and status == 200 and (not stream or whole.endswith(SSE_END))
-            if caching and finished:
-                kept = [(k, v) for k, v in sent_headers if k.lower() not in PER_ANSWER]
-                self.store.store(key, target.gateway, CachedAnswer(status, kept, chunks, usage), ttl)
+            finish(completed=False)  # an answer that never ended (the client left): logged, never cached
 
     @staticmethod
-    async def _replay(hit: CachedAnswer, target: Target, log_id: str | None, send: Send) -> str | None:
+    async def _replay(
+        hit: CachedAnswer, target: Target, log_id: str | None, send: Send, before_end: Callable[[], None]
+    ) -> None:
         headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in hit.headers]
         content_type = dict(hit.headers).get("content-type")
         if not (content_type or "").startswith("text/event-stream"):
@@ -329,8 +344,8 @@ class GatewayLayer:
         await send({"type": "http.response.start", "status": hit.status, "headers": headers})
         for chunk in hit.chunks:
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        before_end()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-        return content_type
 
 
 def _streamed(body: Any) -> bool:
