@@ -22,6 +22,7 @@ from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
+from .gateway import GatewayLayer, GatewayLogRoutes, GatewayStore, served_model
 from .metrics import ServerMetrics
 from .model_store import ModelStore
 from .surfaces.binding import BindingRoutes, MiniflareProxy
@@ -109,6 +110,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
     generation = TextGeneration(engine, contracts, adapters)
     metrics = ServerMetrics(engine)
+    gateway = GatewayStore(settings.gateway_dir, settings.gateway_max_logs, settings.gateway_max_cache_bytes)
     surfaces = [
         WorkersAIRoutes(generation, settings.max_body_bytes),
         BindingRoutes(generation, settings.max_body_bytes),
@@ -116,6 +118,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         ModelCatalog(store, lambda: engine.context_window),
         FinetuneRoutes(adapters, settings.max_body_bytes),
         OperationsRoutes(engine, metrics, openapi.build(store)),
+        GatewayLogRoutes(gateway),
     ]
 
     @asynccontextmanager
@@ -125,6 +128,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             yield
         finally:
             engine.stop()
+            gateway.close()
 
     app = Starlette(
         routes=[route for surface in surfaces for route in surface.routes()],
@@ -133,6 +137,14 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             Middleware(MiniflareProxy),
             Middleware(AccessLog, metrics=metrics),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
+            # Innermost: a gateway request is authorized first, then answered from the cache or by the surfaces.
+            Middleware(
+                GatewayLayer,
+                store=gateway,
+                served_model=served_model(settings, store),
+                default_ttl=settings.gateway_cache_ttl,
+                max_body=settings.max_body_bytes,
+            ),
         ],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

@@ -82,6 +82,10 @@ class Settings:
     api_token: str = ""
     api_token_file: str = ""
     chat_date: str = ""
+    gateway_dir: str = ""
+    gateway_cache_ttl: int = 0
+    gateway_max_logs: int = 10000
+    gateway_max_cache_bytes: int = 256 * 1024 * 1024
     log_level: str = "info"
 
     @property
@@ -166,6 +170,26 @@ OPTIONS: dict[str, Option] = {
         "WAI_CHAT_DATE",
         "the date a chat template writes into the prompt (Llama 3.1's system header): empty = the template's "
         "own default, so a request gives the same prompt on any day; 'today'; or a date such as '25 Nov 2026'",
+    ),
+    "gateway_dir": Option(
+        "--gateway-dir",
+        "WAI_GATEWAY_DIR",
+        "AI Gateway: the folder of its SQLite database (cached answers and logs), kept across restarts; empty = "
+        "in memory",
+    ),
+    "gateway_cache_ttl": Option(
+        "--gateway-cache-ttl",
+        "WAI_GATEWAY_CACHE_TTL",
+        "AI Gateway: seconds an answer stays cached when a request sets no TTL of its own (the gateway's "
+        "'Cache Responses' setting); 0 = not cached unless asked",
+    ),
+    "gateway_max_logs": Option(
+        "--gateway-max-logs", "WAI_GATEWAY_MAX_LOGS", "AI Gateway: logs kept per gateway; past it the oldest go"
+    ),
+    "gateway_max_cache_bytes": Option(
+        "--gateway-max-cache-bytes",
+        "WAI_GATEWAY_MAX_CACHE_BYTES",
+        "AI Gateway: bytes of cached answers kept; past it those closest to expiring go",
     ),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
 }

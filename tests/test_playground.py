@@ -125,3 +125,19 @@ def test_bad_tools_json_is_reported_in_the_page(server, page):
     page.click("#send")
     page.locator(".message.error").wait_for(timeout=10_000)
     assert "not valid JSON" in page.locator(".message.error").inner_text()
+
+
+def test_a_chat_through_an_ai_gateway_lists_its_logs(server, page):
+    page.goto(server.url + "/")
+    page.fill("#gateway", "playground-gateway")
+    page.fill("#cache_ttl", "600")
+    page.fill("#max_tokens", "8")
+    for turn in range(2):  # the same first turn twice: computed, then the cache's
+        page.click("#clear")
+        page.fill("#prompt", "Name a colour.")
+        page.click("#send")
+        page.locator(".message.assistant .usage").wait_for(timeout=60_000)
+        assert page.locator(".message.assistant .usage").inner_text().endswith("gateway " + ("MISS", "HIT")[turn])
+        page.locator("#gateway-logs tbody tr").nth(turn).wait_for(timeout=10_000)
+    statuses = [row.locator("td").nth(1).inner_text() for row in page.locator("#gateway-logs tbody tr").all()]
+    assert statuses == ["HIT", "MISS"]

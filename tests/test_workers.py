@@ -206,9 +206,15 @@ def test_binding_options_and_models(worker: WorkerHost, server: ServerProcess):
     raw = probe(worker, "/raw-response")
     assert (raw["status"], raw["contentType"]) == (200, "application/json")
     assert set(raw["body"]) == {"response", "tool_calls", "usage"}
-    for _ in range(2):
-        assert probe(worker, "/gateway")["ok"]
-    assert server.log().count("AI Gateway options are accepted and ignored") == 1
+    gateway = probe(worker, f"/gateway?id=workers-{worker.kind}")
+    first, second = gateway["answers"]
+    assert second["value"] == first["value"] == gateway["body"]  # temperature 1: the same answer is the cache's
+    assert gateway["status"] == "HIT" and len(gateway["rawLogId"]) == 26
+    logs = httpx.get(f"{server.url}/client/v4/accounts/local/ai-gateway/gateways/workers-{worker.kind}/logs").json()
+    assert [log["cached"] for log in logs["result"]] == [True, True, False]
+    assert {log["metadata"] for log in logs["result"]} == {'{"suite": "workers"}'}
+    if worker.kind == "miniflare":  # workerd's own binding keeps the log id; an RPC entrypoint cannot (see README)
+        assert [answer["logId"] for answer in reversed(gateway["answers"])] == [log["id"] for log in logs["result"][1:]]
     models = probe(worker, "/models")
     assert models["ok"] and MODEL in [m["name"] for m in models["value"]]
     if worker.kind == "miniflare":  # an RPC entrypoint cannot keep per-call state (see docs/workers.md)
@@ -265,4 +271,4 @@ def test_vitest_runs_workers_against_the_server(server: ServerProcess, tmp_path)
     )  # fmt: skip
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
-    assert "4 passed" in output, output[-2000:]
+    assert "5 passed" in output, output[-2000:]

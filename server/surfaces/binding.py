@@ -2,10 +2,11 @@
 backend answers it, so Miniflare, vitest and the shipped `wrangler dev` entrypoint use this server unchanged.
 
 workerd's Ai binding POSTs `{"inputs", "options"}` to `https://workers-binding.ai/run?version=3` (or
-`/ai-gateway/run` when `options.gateway` is set) with the model in `cf-consn-model-id`; `env.AI.models()` GETs
-`/ai-api/models/search`. The shipped entrypoint (workers/) sends that request here directly. Miniflare's remote
-proxy instead POSTs it to its connection string and names the inner URL in `MF-URL`; `MiniflareProxy` unwraps
-that at the edge, so routing, auth, the log and metrics see the binding's own request.
+`/ai-gateway/run` when `options.gateway` is set, which server/gateway serves around this route) with the model in
+`cf-consn-model-id`; `env.AI.models()` GETs `/ai-api/models/search`. The shipped entrypoint (workers/) sends that
+request here directly. Miniflare's remote proxy instead POSTs it to its connection string and names the inner URL in
+`MF-URL`; `MiniflareProxy` unwraps that at the edge, so routing, auth, the log and metrics see the binding's own
+request.
 
 It is the same run path as `/ai/run`: a JSON success is the bare result (content type exactly `application/json`,
 or workerd hands the Worker a stream), a stream is Workers AI's SSE, an error is the envelope whose `errors[0]` the
@@ -54,7 +55,6 @@ class BindingRoutes:
     def __init__(self, generation: TextGeneration, max_body: int) -> None:
         self.generation = generation
         self.max_body = max_body
-        self._gateway_noted = False
 
     def routes(self) -> list[Route]:
         return [
@@ -76,12 +76,10 @@ class BindingRoutes:
         return response
 
     async def _run(self, request: Request) -> Response:
-        inputs, options = self._unwrap(await read_json(request, self.max_body))
+        inputs, _options = self._unwrap(await read_json(request, self.max_body))
         model = request.headers.get(MODEL_HEADER)
         if not model:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model: the {MODEL_HEADER} header is missing")
-        if options.get("gateway") is not None or request.url.path == "/ai-gateway/run":
-            self._note_gateway()
         # JSONResponse's content type is exactly `application/json`: with a charset, workerd streams the body.
         return await answer_run(self.generation, request, self.generation.parse(model, inputs), JSONResponse)
 
@@ -94,11 +92,6 @@ class BindingRoutes:
         if not isinstance(options, dict):
             raise bad_input("Error: '/options' must be an object")
         return body["inputs"], options
-
-    def _note_gateway(self) -> None:
-        if not self._gateway_noted:
-            self._gateway_noted = True
-            log.info("AI Gateway options are accepted and ignored: this server answers every run itself")
 
 
 class MiniflareProxy:

@@ -52,6 +52,18 @@ describe("env.AI served by workers-ai-local", () => {
     expect(typeof result.tool_calls[0].arguments.city).toBe("string");
   });
 
+  it("caches through an AI Gateway and names each answer's log", async () => {
+    const gateway = { id: `vitest-${crypto.randomUUID()}`, cacheTtl: 60 };
+    const inputs = { prompt: "Name a colour.", max_tokens: 6, temperature: 1 };
+    const first = await env.AI.run(MODEL, inputs, { gateway });
+    const firstLog = env.AI.aiGatewayLogId;
+    const second = await env.AI.run(MODEL, inputs, { gateway });
+    expect(second).toEqual(first);
+    expect(firstLog).toMatch(/^[0-9A-Z]{26}$/);
+    expect(env.AI.aiGatewayLogId).toMatch(/^[0-9A-Z]{26}$/);
+    expect(env.AI.aiGatewayLogId).not.toBe(firstLog);
+  });
+
   it("raises a bad input in the Worker as InferenceUpstreamError 5006", async () => {
     const error = await env.AI.run(MODEL, { prompt: "Say hi.", temperature: 9 }).catch((e: Error) => e);
     expect(error).toBeInstanceOf(Error);

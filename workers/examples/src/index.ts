@@ -69,8 +69,21 @@ const probes: Record<string, Probe> = {
     const contentType = response.headers.get("content-type");
     return Response.json({ status: response.status, contentType, body: await response.json() });
   },
-  "/gateway": (_, env) =>
-    outcome(() => env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 4 }, { gateway: { id: "my-gateway" } })),
+  // The same run twice through an AI Gateway that caches: the answers, their cache status as the raw response
+  // shows it, and the log id the binding keeps of each (env.AI.aiGatewayLogId).
+  "/gateway": async (request, env) => {
+    const id = new URL(request.url).searchParams.get("id") ?? "my-gateway";
+    const options = { gateway: { id, cacheTtl: 60, metadata: { suite: "workers" } } };
+    const inputs = { prompt: "Say hi.", max_tokens: 4, temperature: 1 };
+    const answers = [];
+    for (let i = 0; i < 2; i++) {
+      const value = await env.AI.run(MODEL, inputs, options);
+      answers.push({ value, logId: env.AI.aiGatewayLogId ?? null });
+    }
+    const raw = await env.AI.run(MODEL, inputs, { ...options, returnRawResponse: true });
+    const status = raw.headers.get("cf-aig-cache-status");
+    return Response.json({ answers, status, rawLogId: raw.headers.get("cf-aig-log-id"), body: await raw.json() });
+  },
   "/request-id": async (_, env) => {
     await env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 2 });
     return Response.json({ id: env.AI.lastRequestId });
