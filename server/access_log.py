@@ -1,8 +1,14 @@
-"""One log line per request (method, path, status, tokens, time taken), and its metrics."""
+"""One log line per request (method, path, status, tokens, time taken), and its metrics.
+
+A path is logged as the client can be trusted with it: control characters escaped (a decoded `%0d%0a` would
+otherwise start a forged log line) and the token of a `/binding/<token>` connection string redacted, on every
+path, whether or not the request was unwrapped as the binding's.
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -10,6 +16,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .metrics import ServerMetrics
 
 log = logging.getLogger("workers_ai_local.access")
+
+# C0 and C1 control characters, DEL, and the backslash that introduces our escapes (so that an escape in the log is
+# never ambiguous with the same text sent literally).
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\\]")
+_BINDING_TOKEN = re.compile(r"^/binding/.+", re.DOTALL)
+REDACTED_BINDING = "/binding/<redacted>"
+
+
+def loggable_path(path: str) -> str:
+    """`path` safe to write into a log line: no secret, no line breaks or other control characters."""
+    path = _BINDING_TOKEN.sub(REDACTED_BINDING, path)
+    return _UNSAFE.sub(lambda m: f"\\x{ord(m.group()):02x}", path)
 
 
 class AccessLog:
@@ -47,7 +65,7 @@ class AccessLog:
             log.info(
                 "%s %s %d%s %.3fs",
                 scope["method"],
-                scope["path"],
+                loggable_path(scope["path"]),
                 status,
                 tokens,
                 time.perf_counter() - started,
