@@ -7,13 +7,16 @@ path, whether or not the request was unwrapped as the binding's.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .errors import OUT_OF_CAPACITY, ApiError
 from .metrics import ServerMetrics
+from .surfaces.openai import error_response
 
 log = logging.getLogger("workers_ai_local.access")
 
@@ -41,15 +44,23 @@ class AccessLog:
             return
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before answering
+        answered = False
 
         async def send_and_note(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            # Only uvicorn cancels a request's task: at shutdown, past --shutdown-timeout. That ends the request
+            # (its generation is cancelled on the way out), with an answer if none began (a client still sending
+            # its body gets a 503), logged below rather than as a traceback.
+            if not answered:
+                stopping = ApiError(503, OUT_OF_CAPACITY, "The server is shutting down")
+                await error_response(scope["path"], stopping)(scope, receive, send_and_note)
         finally:
             # The run handler leaves its Generation in request.state, which lives in the scope.
             generation = scope.get("state", {}).get("generation")

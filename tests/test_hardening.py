@@ -307,12 +307,14 @@ def test_shutdown_is_bounded_with_clients_that_never_finish(tmp_path):
         deadline = time.monotonic() + 30
         while httpx.get(f"{proc.url}/health").json()["slots_busy"] == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
-        started = time.monotonic()
         proc.process.send_signal(signal.SIGTERM)
+        # Without the bound the process waits for these clients for ever. With it, the requests are cancelled
+        # after 1 s; the engine then finishes its current step, which takes seconds on a loaded machine.
         try:
-            proc.process.wait(timeout=20)
+            proc.process.wait(timeout=60)
         finally:
             reader.close()
             half.close()
-        assert time.monotonic() - started < 10, proc.log()
-        assert "timeout graceful shutdown exceeded" in proc.log()
+        log = proc.log()
+        assert "timeout graceful shutdown exceeded" in log and "Traceback" not in log, log
+        assert f"POST {run_url()} 503" in log  # the body never finished: answered as the server stops
