@@ -12,6 +12,7 @@ from . import cli
 from .app import create_app, create_engine
 from .config import CATALOG_PATH, configure_logging, load_settings
 from .engine import EngineState
+from .http_limits import HeadLimits, protocol_with
 from .model_store import ModelSourceError, ModelStore
 from .surfaces.binding import UpgradeProbeFilter
 
@@ -57,6 +58,8 @@ def serve(argv: Sequence[str] | None = None) -> int:
         # No route speaks websocket: an upgrade request (Miniflare's RPC probe) is answered as plain HTTP, the 501
         # in binding.py, even where a websocket library is installed (Ray's extra brings one).
         ws="none",
+        http=protocol_with(HeadLimits(settings.max_header_bytes, settings.max_headers, settings.header_timeout)),
+        timeout_graceful_shutdown=settings.shutdown_timeout or None,  # type: ignore[arg-type]
     )
     logging.getLogger("uvicorn.error").addFilter(UpgradeProbeFilter())
     server = uvicorn.Server(config)

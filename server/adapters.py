@@ -4,42 +4,47 @@ Layout of the adapters directory:
     <name>.gguf                      an adapter dropped in by hand, used as "lora": "<name>"
     finetunes/<id>/finetune.json     a fine-tune made through the REST routes: id, name, model, description
     finetunes/<id>/adapter_config.json, adapter_model.safetensors   its PEFT assets, as uploaded
-    finetunes/<id>/adapter.gguf      the GGUF conversion, made once both assets are in
+    finetunes/<id>/adapter.gguf      the GGUF conversion, made once both assets are in and checked
+
+An upload is written beside its fine-tune under a temporary name, checked completely (adapter_checks) together
+with the other asset if that is in, converted when both are, and only then renamed into place: a refused asset
+leaves the fine-tune as it was. The GGUF appears last, so a fine-tune is usable exactly when it has one.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
 import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
 from safetensors.numpy import load_file
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-ASSET_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-MAX_RANK = 32  # Workers AI's stated limit for LoRA fine-tunes
-MODEL_TYPES = ("llama", "mistral", "gemma")
+from .adapter_checks import (
+    CONFIG_FILE,
+    MAX_RANK,
+    MODULES,
+    PEFT_KEY,
+    WEIGHTS_FILE,
+    AssetError,
+    BaseShape,
+    check_config,
+    check_pair,
+    check_weights,
+    config_fields,
+)
 
-# PEFT module names (Hugging Face Llama layout) and llama.cpp's tensor names for them.
-_MODULES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_PEFT_KEY = re.compile(r"(?:.*\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])(?:\.default)?\.weight$")
+ASSET_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+GGUF_FILE = "adapter.gguf"
+__all__ = ["MAX_RANK", "AdapterError", "AdapterStore", "BaseShape", "Finetune", "peft_to_gguf"]
 
 
 class AdapterError(Exception):
@@ -51,14 +56,6 @@ class AdapterError(Exception):
         self.status = status
 
 
-@dataclass(frozen=True)
-class BaseShape:
-    """What the conversion needs to know of the base model."""
-
-    n_head: int
-    n_head_kv: int
-
-
 def _rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
     # Hugging Face Llama checkpoints order each head's query/key rows for "rotate half"; GGUF orders them for
     # interleaved RoPE. A LoRA's B matrix produces those rows, so it is reordered the same way.
@@ -66,12 +63,12 @@ def _rope_permute(rows: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def peft_to_gguf(config: dict[str, Any], tensors: dict[str, np.ndarray], base: BaseShape, out: Path) -> None:
-    """Write a PEFT LoRA (config and tensors) as a llama.cpp GGUF LoRA adapter."""
-    alpha = float(config.get("lora_alpha", config.get("r", 8)))
+    """Write a PEFT LoRA (config and tensors, checked by adapter_checks) as a llama.cpp GGUF LoRA adapter."""
+    alpha = config_fields(config).alpha
     pairs: dict[tuple[int, str], dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
-        match = _PEFT_KEY.match(key)
-        if not match or match.group(2) not in _MODULES:
+        match = PEFT_KEY.match(key)
+        if not match or match.group(2) not in MODULES:
             raise AdapterError(3039, f"{WEIGHTS_FILE}: unsupported tensor {key!r} (expected Llama attention/MLP LoRA)")
         layer, module, which = int(match.group(1)), match.group(2), match.group(3)
         pairs.setdefault((layer, module), {})[which] = value.astype(np.float32)
@@ -87,7 +84,7 @@ def peft_to_gguf(config: dict[str, Any], tensors: dict[str, np.ndarray], base: B
             b = _rope_permute(b, base.n_head)
         elif module == "self_attn.k_proj":
             b = _rope_permute(b, base.n_head_kv)
-        name = f"blk.{layer}.{_MODULES[module]}.weight"
+        name = f"blk.{layer}.{MODULES[module]}.weight"
         writer.add_tensor(f"{name}.lora_a", np.ascontiguousarray(a))
         writer.add_tensor(f"{name}.lora_b", np.ascontiguousarray(b))
     writer.write_header_to_file()
@@ -111,7 +108,7 @@ class Finetune:
 
 class AdapterStore:
     def __init__(self, directory: Path, served_models: set[str], base: Callable[[], BaseShape | None]) -> None:
-        """`base` tells the served model's shape, or None while it loads; conversions need it."""
+        """`base` tells the served model's shape, or None while it loads; checks of weights need it."""
         self.directory = directory
         self.served_models = served_models
         self.base = base
@@ -121,20 +118,23 @@ class AdapterStore:
     def _finetunes_dir(self) -> Path:
         return self.directory / "finetunes"
 
+    def _installed(self, name: str) -> Path | None:
+        if "/" in name or name.startswith("."):
+            return None
+        path = self.directory / f"{name}.gguf"
+        return path if path.is_file() else None
+
     def resolve(self, name: str) -> Path | None:
         """The GGUF adapter for a `lora` value: a fine-tune's id or name, or a dropped-in <name>.gguf."""
         finetune = self.finetune(name)
         if finetune is not None:
-            path = self._finetunes_dir / finetune.id / "adapter.gguf"
+            path = self._finetunes_dir / finetune.id / GGUF_FILE
             if not path.is_file():
                 raise AdapterError(
                     3039, f"fine-tune {name!r} is missing required files: upload {', '.join(ASSET_FILES)}"
                 )
             return path
-        if "/" in name or name.startswith("."):
-            return None
-        path = self.directory / f"{name}.gguf"
-        return path if path.is_file() else None
+        return self._installed(name)
 
     def finetunes(self) -> list[Finetune]:
         if not self._finetunes_dir.is_dir():
@@ -155,6 +155,11 @@ class AdapterStore:
         with self._lock:
             if self.finetune(name) is not None:
                 raise AdapterError(5006, f"a fine-tune named {name!r} exists already", status=409)
+            if self._installed(name) is not None:
+                # "lora": name would then mean two adapters; the fine-tune would hide the installed file.
+                raise AdapterError(
+                    5006, f"an installed adapter is named {name!r} ({name}.gguf): choose another name", status=409
+                )
             now = datetime.now(UTC).isoformat()
             finetune = Finetune(str(uuid.uuid4()), name, model, description, now, now)
             folder = self._finetunes_dir / finetune.id
@@ -162,7 +167,9 @@ class AdapterStore:
             (folder / "finetune.json").write_text(json.dumps(asdict(finetune)))
         return finetune
 
-    def upload(self, id_or_name: str, file_name: str, data: bytes) -> Finetune:
+    def upload(self, id_or_name: str, file_name: str, source: BinaryIO) -> Finetune:
+        """Keep `source` (a file, read from where it stands) as the asset `file_name` once it passed every check;
+        blocking (file copies, checks, conversion): call it off the event loop."""
         finetune = self.finetune(id_or_name)
         if finetune is None:
             raise AdapterError(3042, f"no fine-tune {id_or_name!r}", status=404)
@@ -173,41 +180,33 @@ class AdapterStore:
             target = folder / file_name
             if target.exists():
                 raise AdapterError(5006, f"{file_name} was uploaded already; assets cannot be replaced", status=409)
-            if file_name == CONFIG_FILE:
-                self._check_config(data)
-            target.write_bytes(data)
-            if all((folder / f).is_file() for f in ASSET_FILES):
-                self._convert(folder)
+            staged = folder / f".{file_name}.upload"
+            converted = folder / f".{GGUF_FILE}.upload"
+            try:
+                with staged.open("wb") as out:
+                    shutil.copyfileobj(source, out, 1 << 20)
+                self._check_and_convert(folder, file_name, staged, converted)
+                staged.replace(target)
+                if converted.exists():
+                    converted.replace(folder / GGUF_FILE)
+            except AssetError as exc:
+                raise AdapterError(5006, str(exc)) from exc
+            finally:
+                staged.unlink(missing_ok=True)
+                converted.unlink(missing_ok=True)
         return finetune
 
-    @staticmethod
-    def _check_config(data: bytes) -> None:
-        try:
-            config = json.loads(data)
-        except ValueError as exc:
-            raise AdapterError(5006, f"{CONFIG_FILE} is not JSON: {exc}") from exc
-        if not isinstance(config, dict):
-            raise AdapterError(5006, f"{CONFIG_FILE} must be a JSON object")
-        if config.get("model_type", "llama") not in MODEL_TYPES:
-            raise AdapterError(5006, f"{CONFIG_FILE}: model_type must be one of {', '.join(MODEL_TYPES)}")
-        if int(config.get("r", 0)) > MAX_RANK:
-            raise AdapterError(5006, f"{CONFIG_FILE}: rank r={config['r']} is over the limit of {MAX_RANK}")
-
-    def _convert(self, folder: Path) -> None:
+    def _check_and_convert(self, folder: Path, file_name: str, staged: Path, converted: Path) -> None:
+        config_path = staged if file_name == CONFIG_FILE else folder / CONFIG_FILE
+        weights_path = staged if file_name == WEIGHTS_FILE else folder / WEIGHTS_FILE
+        config = check_config(config_path.read_bytes()) if config_path.is_file() else None
+        if not weights_path.is_file():
+            return
         base = self.base()
         if base is None:
-            (folder / WEIGHTS_FILE).unlink()
             raise AdapterError(3040, "the model is still loading; upload again once it is ready", status=503)
-        config = json.loads((folder / CONFIG_FILE).read_text())
-        try:
-            tensors = load_file(str(folder / WEIGHTS_FILE))
-        except Exception as exc:  # safetensors raises its own error types for malformed files
-            (folder / WEIGHTS_FILE).unlink()
-            raise AdapterError(5006, f"{WEIGHTS_FILE} is not a safetensors file: {exc}") from exc
-        out = folder / "adapter.gguf"
-        try:
-            peft_to_gguf(config, tensors, base, out)
-        except AdapterError:
-            (folder / WEIGHTS_FILE).unlink()
-            out.unlink(missing_ok=True)
-            raise
+        rank = check_weights(weights_path, base)
+        if config is None:
+            return
+        check_pair(config, rank)
+        peft_to_gguf(json.loads(config_path.read_bytes()), load_file(str(weights_path)), base, converted)

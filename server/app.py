@@ -10,19 +10,22 @@ from pathlib import Path
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
 from . import openapi
-from .access_log import AccessLog
+from .access_log import AccessLog, loggable_path
 from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, load_tokens
+from .browser_guard import BrowserGuard, split_list
 from .config import SCHEMAS_DIR, Settings
 from .contract import InputContract
 from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
 from .gateway import GatewayLayer, GatewayLogRoutes, GatewayStore, served_model
+from .http_io import CLIENT_CLOSED
 from .metrics import ServerMetrics
 from .model_store import ModelStore
 from .surfaces.binding import BindingRoutes, MiniflareProxy
@@ -67,8 +70,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
 
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug of ours: log the traceback here, give the client the envelope, never the traceback.
-    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, INTERNAL, "Internal server error").response()
+    log.exception("unhandled error on %s %s", request.method, loggable_path(request.url.path), exc_info=exc)
+    return error_response(request.url.path, ApiError(500, INTERNAL, "Internal server error"))
+
+
+async def client_gone(_request: Request, _exc: Exception) -> Response:
+    # The client left while its body was being read: nobody reads this answer; the access log records the 499.
+    return Response(status_code=CLIENT_CLOSED)
 
 
 def base_shape(engine: Engine) -> BaseShape | None:
@@ -77,7 +85,19 @@ def base_shape(engine: Engine) -> BaseShape | None:
     if arch is None or heads is None:
         return None
     kv_heads = engine.model_metadata(f"{arch}.attention.head_count_kv") or heads
-    return BaseShape(int(heads), int(kv_heads))
+
+    def size(key: str) -> int:
+        value = engine.model_metadata(f"{arch}.{key}")
+        return int(value) if value is not None else 0
+
+    return BaseShape(
+        int(heads),
+        int(kv_heads),
+        n_layer=size("block_count"),
+        n_embd=size("embedding_length"),
+        n_ff=size("feed_forward_length"),
+        head_dim=size("attention.key_length"),
+    )
 
 
 def create_engine(
@@ -105,6 +125,22 @@ def create_engine(
     )
 
 
+def browser_guard(settings: Settings) -> list[Middleware]:
+    origins = [origin.rstrip("/") for origin in split_list(settings.cors_origins)]
+    allowed_hosts = split_list(settings.allowed_hosts)
+    guard = Middleware(
+        BrowserGuard,
+        check_host=settings.loopback or bool(allowed_hosts),
+        allowed_hosts=allowed_hosts,
+        cors_origins=origins,
+    )
+    if not origins:
+        return [guard]
+    # Pages of the allowed origins get CORS headers, and their preflight requests an answer.
+    cors = Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["*"], allow_headers=["*"], max_age=600)
+    return [guard, cors]
+
+
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
@@ -116,7 +152,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
         BindingRoutes(generation, settings.max_body_bytes),
         OpenAIRoutes(generation, settings.max_body_bytes),
         ModelCatalog(store, lambda: engine.context_window),
-        FinetuneRoutes(adapters, settings.max_body_bytes),
+        FinetuneRoutes(adapters, settings.max_body_bytes, settings.max_asset_bytes),
         OperationsRoutes(engine, metrics, openapi.build(store)),
         GatewayLogRoutes(gateway),
     ]
@@ -132,10 +168,12 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
 
     app = Starlette(
         routes=[route for surface in surfaces for route in surface.routes()],
-        # Outermost first: a Miniflare-forwarded request is unwrapped before it is logged, counted or authorized.
+        # Outermost first: a Miniflare-forwarded request is unwrapped before it is logged, counted or authorized;
+        # a request from a foreign browser page is refused (and logged) before anything else.
         middleware=[
             Middleware(MiniflareProxy),
             Middleware(AccessLog, metrics=metrics),
+            *browser_guard(settings),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
             # Innermost: a gateway request is authorized first, then answered from the cache or by the surfaces.
             Middleware(
@@ -146,7 +184,12 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
                 max_body=settings.max_body_bytes,
             ),
         ],
-        exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
+        exception_handlers={
+            ApiError: api_error,
+            HTTPException: http_error,
+            ClientDisconnect: client_gone,
+            Exception: unexpected_error,
+        },
         lifespan=lifespan,
     )
     app.state.metrics = metrics  # read by a Ray Serve replica, which reports it for the whole cluster's /metrics

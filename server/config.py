@@ -78,6 +78,13 @@ class Settings:
     max_queue: int = 256
     gpu_layers: int = -1
     max_body_bytes: int = 4 * 1024 * 1024
+    max_asset_bytes: int = 500 * 1000 * 1000
+    max_header_bytes: int = 32 * 1024
+    max_headers: int = 100
+    header_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+    allowed_hosts: str = ""
+    cors_origins: str = ""
     lora_dir: str = str(Path.home() / ".cache" / "workers-ai-local" / "lora")
     api_token: str = ""
     api_token_file: str = ""
@@ -158,6 +165,38 @@ OPTIONS: dict[str, Option] = {
         "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"
     ),
     "max_body_bytes": Option("--max-body-bytes", "WAI_MAX_BODY_BYTES", "largest request body accepted"),
+    "max_asset_bytes": Option(
+        "--max-asset-bytes",
+        "WAI_MAX_ASSET_BYTES",
+        "largest fine-tune asset upload (the whole multipart body), counted as it arrives, declared or chunked",
+    ),
+    "max_header_bytes": Option(
+        "--max-header-bytes", "WAI_MAX_HEADER_BYTES", "largest request head (request line and headers together)"
+    ),
+    "max_headers": Option("--max-headers", "WAI_MAX_HEADERS", "most headers one request may carry"),
+    "header_timeout": Option(
+        "--header-timeout",
+        "WAI_HEADER_TIMEOUT",
+        "seconds a client has to send a request's headers, from connecting or from the first byte of a later "
+        "request on the connection; 0 = no bound",
+    ),
+    "shutdown_timeout": Option(
+        "--shutdown-timeout",
+        "WAI_SHUTDOWN_TIMEOUT",
+        "seconds requests in progress get to finish after SIGTERM or Ctrl-C before they are cancelled; 0 = no bound",
+    ),
+    "allowed_hosts": Option(
+        "--allowed-hosts",
+        "WAI_ALLOWED_HOSTS",
+        "Host names served besides loopback ones (comma-separated; *.example.com; * = any); while bound to "
+        "loopback, any other Host is refused (DNS rebinding)",
+    ),
+    "cors_origins": Option(
+        "--cors-origins",
+        "WAI_CORS_ORIGINS",
+        "origins of web pages allowed to call the API (comma-separated, e.g. http://localhost:3000; * = any); a "
+        "request with any other Origin is refused",
+    ),
     "lora_dir": Option(
         "--lora-dir", "WAI_LORA_DIR", "LoRA adapters: <name>.gguf files, and fine-tunes uploaded through the API"
     ),

@@ -124,3 +124,100 @@ def test_finetune_errors(client):
     assert_ok(client.post(finetunes_url(), json={"model": MODEL, "name": "broken"}))
     assert_ok(upload(client, "broken", "adapter_config.json", b'{"r": 4}'))
     assert_error(upload(client, "broken", "adapter_model.safetensors", b"not safetensors"), 400, 5006, "safetensors")
+
+
+def created(client, name: str) -> None:
+    assert_ok(client.post(finetunes_url(), json={"model": MODEL, "name": name}))
+
+
+GOOD_CONFIG = {"peft_type": "LORA", "model_type": "llama", "r": 4, "lora_alpha": 8}
+
+
+@pytest.mark.parametrize(
+    ("config", "needle"),
+    [
+        (b'{"model_type": "llama", "r": "abc"}', "r must be an integer"),
+        (b'{"model_type": "llama", "r": NaN}', "NaN"),
+        (b'{"model_type": "llama", "r": null}', "r must be an integer"),
+        (b'{"model_type": "llama", "r": 4.5}', "r must be an integer"),
+        (b'{"model_type": "llama", "r": 0}', "outside 1 to 32"),
+        (b'{"model_type": "llama", "r": true}', "r must be an integer"),
+        (b'{"model_type": "llama", "r": 4, "lora_alpha": "abc"}', "lora_alpha must be a finite number"),
+        (b'{"model_type": "llama", "r": 4, "lora_alpha": Infinity}', "Infinity"),
+        (b'{"r": 4, "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "levels deep"),
+        (b"[4]", "must be a JSON object"),
+    ],
+    ids=["r-abc", "r-nan", "r-null", "r-fraction", "r-0", "r-bool", "alpha-abc", "alpha-inf", "deep", "array"],
+)
+def test_a_refused_config_leaves_the_finetune_as_it_was(client, config, needle):
+    name = f"cfg-{abs(hash(config)) % 10**8}"
+    created(client, name)
+    assert_error(upload(client, name, "adapter_config.json", config), 400, 5006, needle)
+    # Nothing was kept: the corrected config is taken, and with its weights the fine-tune runs.
+    assert_ok(upload(client, name, "adapter_config.json", json.dumps(GOOD_CONFIG).encode()))
+    _, tensors = peft_adapter(b_scale=0.3)
+    assert_ok(upload(client, name, "adapter_model.safetensors", save_bytes(tensors)))
+    assert_ok(client.post(run_url(), json={**PROMPT, "max_tokens": 2, "lora": name}))
+
+
+def bad_weights() -> dict[str, tuple[dict[str, np.ndarray], str]]:
+    _, good = peft_adapter()
+    q_a = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    q_b = q_a.replace("lora_A", "lora_B")
+    nan = dict(good)
+    nan[q_b] = good[q_b].copy()
+    nan[q_b][3, 1] = np.nan
+    inf = dict(good)
+    inf[q_a] = good[q_a].copy()
+    inf[q_a][0, 0] = np.inf
+    return {
+        "rank-mismatch": (peft_adapter(rank=8)[1], "r=4"),
+        "rank-256": (peft_adapter(rank=256)[1], "rank 256"),
+        "rank-0": ({q_a: np.zeros((0, EMBED), np.float32), q_b: np.zeros((EMBED, 0), np.float32)}, "rank 0"),
+        "width-100": ({**good, q_a: np.zeros((4, 100), np.float32)}, "[4, 576]"),
+        "layer-9999": (
+            {**good, q_a.replace(".0.", ".9999."): good[q_a], q_b.replace(".0.", ".9999."): good[q_b]},
+            "layer 9999",
+        ),
+        "no-lora-B": ({k: v for k, v in good.items() if k != q_b}, "lacks lora_A or lora_B"),
+        "unknown-tensor": ({**good, "model.embed_tokens.weight": np.zeros((4, 4), np.float32)}, "unsupported tensor"),
+        "nan": (nan, "NaN"),
+        "inf": (inf, "infinite"),
+        "int-dtype": ({**good, q_a: good[q_a].astype(np.int32)}, "I32"),
+        "mixed-ranks": (
+            {**good, q_a: np.zeros((8, EMBED), np.float32), q_b: np.zeros((EMBED, 8), np.float32)},
+            "different ranks",
+        ),
+    }
+
+
+def test_refused_weights_leave_the_finetune_as_it_was(client):
+    created(client, "shapes")
+    assert_ok(upload(client, "shapes", "adapter_config.json", json.dumps(GOOD_CONFIG).encode()))
+    for label, (tensors, needle) in bad_weights().items():
+        response = upload(client, "shapes", "adapter_model.safetensors", save_bytes(tensors))
+        assert_error(response, 400, 5006, needle)
+        assert label and "missing required files" in client.post(run_url(), json={**PROMPT, "lora": "shapes"}).text
+    assert_error(upload(client, "shapes", "adapter_model.safetensors", b"\x08" + bytes(20)), 400, 5006, "safetensors")
+    # Each refusal left the fine-tune as it was: correct weights are taken, and it runs.
+    _, tensors = peft_adapter(b_scale=0.3, seed=3)
+    assert_ok(upload(client, "shapes", "adapter_model.safetensors", save_bytes(tensors)))
+    assert_ok(client.post(run_url(), json={**PROMPT, "max_tokens": 2, "lora": "shapes"}))
+    # A kept asset is not replaced (Workers AI's rule): a new fine-tune is made instead.
+    assert_error(upload(client, "shapes", "adapter_model.safetensors", save_bytes(tensors)), 409, 5006, "replaced")
+
+
+def test_weights_first_then_a_config_that_disagrees(client):
+    created(client, "weights-first")
+    _, tensors = peft_adapter(rank=4, b_scale=0.3)
+    assert_ok(upload(client, "weights-first", "adapter_model.safetensors", save_bytes(tensors)))
+    wrong = json.dumps({**GOOD_CONFIG, "r": 16}).encode()
+    assert_error(upload(client, "weights-first", "adapter_config.json", wrong), 400, 5006, "r=16", "rank 4")
+    assert_ok(upload(client, "weights-first", "adapter_config.json", json.dumps(GOOD_CONFIG).encode()))
+    assert_ok(client.post(run_url(), json={**PROMPT, "max_tokens": 2, "lora": "weights-first"}))
+
+
+def test_a_finetune_name_may_not_clash_with_an_installed_adapter(client, adapters):
+    # `adapters` installed zero.gguf in the adapters directory.
+    response = client.post(finetunes_url(), json={"model": MODEL, "name": "zero"})
+    assert_error(response, 409, 5006, "installed adapter", "zero.gguf")

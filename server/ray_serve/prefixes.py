@@ -16,6 +16,8 @@ import pickle
 import weakref
 from typing import TYPE_CHECKING
 
+from workers_ai_local.http_io import parse_json
+
 if TYPE_CHECKING:
     from ray.serve.request_router import PendingRequest
 
@@ -41,8 +43,9 @@ def prefix_keys(body: bytes) -> list[str]:
     whole messages, with the tools (the template writes them first). A prompt: its leading 1 KiB blocks. Any body
     shape that is not a run request gives none."""
     try:
-        payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        # Depth-limited like the replica's own parsing: a deeply nested body is the replica's 400 to give.
+        payload = parse_json(body)
+    except ValueError:
         return []
     if not isinstance(payload, dict):
         return []

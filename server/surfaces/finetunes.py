@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Message
 
 from ..adapters import AdapterError, AdapterStore
 from ..config import SCHEMAS_DIR
@@ -13,8 +16,6 @@ from ..contract import SchemaCheck
 from ..errors import TOO_LARGE, ApiError, bad_input, success
 from ..http_io import read_json
 
-# Workers AI accepts adapter files under 500 MB.
-MAX_ASSET_BYTES = 500 * 1024 * 1024
 PREFIX = "/client/v4/accounts/{account_id}/ai/finetunes"
 
 
@@ -23,9 +24,10 @@ def api_error(exc: AdapterError) -> ApiError:
 
 
 class FinetuneRoutes:
-    def __init__(self, store: AdapterStore, max_body: int) -> None:
+    def __init__(self, store: AdapterStore, max_body: int, max_asset: int) -> None:
         self.store = store
         self.max_body = max_body
+        self.max_asset = max_asset
         self.contract = SchemaCheck(SCHEMAS_DIR / "finetune.create.request.schema.json")
 
     def routes(self) -> list[Route]:
@@ -46,17 +48,38 @@ class FinetuneRoutes:
     async def list(self, request: Request) -> Response:
         return success([f.payload() for f in self.store.finetunes()])
 
+    def _too_large(self) -> ApiError:
+        return ApiError(413, TOO_LARGE, f"Request is too large: an asset upload may be {self.max_asset} bytes at most")
+
+    def _limited(self, request: Request) -> Request:
+        """The request, its body counted as it arrives (declared or chunked) and refused past the asset limit."""
+        received = 0
+
+        async def receive() -> Message:
+            nonlocal received
+            message = await request.receive()
+            received += len(message.get("body", b""))
+            if received > self.max_asset:
+                raise self._too_large()
+            return message
+
+        return Request(request.scope, receive)
+
     async def upload(self, request: Request) -> Response:
         declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > MAX_ASSET_BYTES:
-            raise ApiError(413, TOO_LARGE, f"Request is too large: adapter files must be under {MAX_ASSET_BYTES} bytes")
-        async with request.form(max_files=1, max_fields=4) as form:
+        if declared.isdigit() and int(declared) > self.max_asset:
+            raise self._too_large()
+        # Starlette's parser spools the file to a temporary file (writing off the event loop once it is large);
+        # the store copies it from there, checks and converts it, all in a worker thread.
+        async with self._limited(request).form(max_files=1, max_fields=4) as form:
             file_name, upload = form.get("file_name"), form.get("file")
             if not isinstance(file_name, str) or not isinstance(upload, UploadFile):
                 raise bad_input("Error: a multipart form with fields 'file_name' and 'file' is required")
-            data = await upload.read()
-        try:
-            finetune = self.store.upload(request.path_params["finetune"], file_name, data)
-        except AdapterError as exc:
-            raise api_error(exc) from exc
+            await upload.seek(0)
+            try:
+                finetune = await asyncio.to_thread(
+                    self.store.upload, request.path_params["finetune"], file_name, upload.file
+                )
+            except AdapterError as exc:
+                raise api_error(exc) from exc
         return success({**finetune.payload(), "file_name": file_name})
