@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,11 +15,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from . import openapi
+from . import faults, openapi, replay
 from .access_log import AccessLog
 from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, load_tokens
-from .config import SCHEMAS_DIR, Settings
+from .config import SCHEMAS_DIR, UPSTREAM_TOKEN_ENV, Settings
 from .contract import InputContract
 from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
@@ -133,6 +134,9 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             Middleware(MiniflareProxy),
             Middleware(AccessLog, metrics=metrics),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
+            # Faults before replay: a recorded answer can still meet a fault.
+            *faults.layer(settings),
+            *replay.layer(settings, os.environ.get(UPSTREAM_TOKEN_ENV)),
         ],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,
