@@ -169,7 +169,8 @@ class RecordingStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / key.file_name
         document = {
-            "request": {"kind": key.kind, "model": key.model, "body": key.body},
+            # The body in canonical order: the same request, its keys sent in another order, writes the same file.
+            "request": {"kind": key.kind, "model": key.model, "body": json.loads(canonical(key.body))},
             "response": recording.to_json(),
         }
         text = json.dumps(document, ensure_ascii=False, sort_keys=False, indent=2) + "\n"
