@@ -26,7 +26,7 @@ ERRORS = {
     "aborted": (408, 3008, "Request was aborted"),
     "internal": (500, 3043, "Internal server error"),
 }
-BODY = {"prompt": "Name a colour.", "max_tokens": 24, "temperature": 0}
+BODY = {"prompt": "Name a colour.", "max_tokens": 6, "temperature": 0}
 BINDING = {"cf-consn-model-id": MODEL, "content-type": "application/json"}
 
 
@@ -86,7 +86,7 @@ def frames(raw: str) -> list[str]:
 def test_a_stream_ends_after_n_pieces_with_the_final_error_event(client: httpx.Client):
     body = {**BODY, "stream": True}
     whole = frames(client.post(run_url(), json=body).text)
-    assert whole[-1] == "data: [DONE]" and len(whole) > 5
+    assert whole[-1] == "data: [DONE]" and len(whole) >= 5  # three pieces at least, usage, [DONE]
     for surface, response in (
         ("rest", client.post(run_url(), json=body, headers={HEADER: "stream-3"})),
         ("binding", client.post("/run", json={"inputs": body, "options": {}}, headers={**BINDING, HEADER: "stream-3"})),
@@ -105,7 +105,7 @@ def test_a_stream_ends_after_n_pieces_with_the_final_error_event(client: httpx.C
 def test_an_openai_stream_cut_reaches_the_sdk_as_an_error(server: ServerProcess):
     with openai.OpenAI(api_key="unused", base_url=server.url + "/v1", max_retries=0) as oai:
         stream = oai.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=40, temperature=0,
+            model=MODEL, messages=[{"role": "user", "content": "Tell me a story."}], max_tokens=8, temperature=0,
             stream=True, extra_headers={HEADER: "stream-2"},
         )  # fmt: skip
         texts: list[str] = []
@@ -117,9 +117,9 @@ def test_an_openai_stream_cut_reaches_the_sdk_as_an_error(server: ServerProcess)
 
 def test_a_cut_stream_stops_the_model(client: httpx.Client):
     before = completion_tokens(client)
-    body = {"prompt": "Write a long story.", "max_tokens": 400, "temperature": 0, "stream": True}
+    body = {"prompt": "Write a long story.", "max_tokens": 200, "temperature": 0, "stream": True}
     client.post(run_url(), json=body, headers={HEADER: "stream-1"})
-    assert completion_tokens(client) - before < 100  # of 400 asked for
+    assert completion_tokens(client) - before < 100  # of 200 asked for
 
 
 def test_a_fault_nobody_knows_is_bad_input(client: httpx.Client):
