@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,12 +16,12 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match, Route
 
-from . import openapi
+from . import faults, openapi, replay
 from .access_log import AccessLog, loggable_path
 from .adapters import AdapterStore, BaseShape
 from .auth import TokenCheck, load_tokens
 from .browser_guard import BrowserGuard, split_list
-from .config import SCHEMAS_DIR, Settings
+from .config import SCHEMAS_DIR, UPSTREAM_TOKEN_ENV, Settings
 from .contract import InputContract
 from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
@@ -175,7 +176,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             Middleware(AccessLog, metrics=metrics),
             *browser_guard(settings),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
-            # Innermost: a gateway request is authorized first, then answered from the cache or by the surfaces.
+            # A gateway request is authorized first, then answered from the cache or by the surfaces.
             Middleware(
                 GatewayLayer,
                 store=gateway,
@@ -183,6 +184,10 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
                 default_ttl=settings.gateway_cache_ttl,
                 max_body=settings.max_body_bytes,
             ),
+            # Inside the gateway (a cached answer meets no fault and no upstream); faults before replay: a recorded
+            # answer can still meet a fault.
+            *faults.layer(settings),
+            *replay.layer(settings, os.environ.get(UPSTREAM_TOKEN_ENV)),
         ],
         exception_handlers={
             ApiError: api_error,

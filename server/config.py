@@ -21,6 +21,8 @@ def package_folder(name: str) -> Path:
 
 
 SCHEMAS_DIR = package_folder("schemas")
+# The Cloudflare API token --upstream forwards with: a credential, so never a flag.
+UPSTREAM_TOKEN_ENV = "CLOUDFLARE_API_TOKEN"
 CATALOG_PATH = package_folder("models") / "catalog.json"
 WORKER_DIR = package_folder("worker")
 
@@ -93,6 +95,12 @@ class Settings:
     gateway_cache_ttl: int = 0
     gateway_max_logs: int = 10000
     gateway_max_cache_bytes: int = 256 * 1024 * 1024
+    fault: str = ""
+    fault_seed: int = 0
+    upstream: str = ""
+    record: str = ""
+    replay: str = ""
+    on_miss: str = "fail"
     log_level: str = "info"
 
     @property
@@ -229,6 +237,29 @@ OPTIONS: dict[str, Option] = {
         "--gateway-max-cache-bytes",
         "WAI_GATEWAY_MAX_CACHE_BYTES",
         "AI Gateway: bytes of cached answers kept; past it those closest to expiring go",
+    ),
+    "fault": Option(
+        "--fault",
+        "WAI_FAULT",
+        "faults drawn for run requests, FAULT:RATE[,FAULT:RATE...]: capacity (3040), daily-limit (3036), 4006, "
+        "timeout (3007), aborted (3008), internal (3043) or stream-N (a stream cut after N pieces of text); a "
+        "request names its own in the x-workers-ai-local-fault header (docs/testing-workers.md)",
+    ),
+    "fault_seed": Option(
+        "--fault-seed", "WAI_FAULT_SEED", "seed of the --fault draws: the same requests meet the same faults"
+    ),
+    "upstream": Option(
+        "--upstream",
+        "WAI_UPSTREAM",
+        "forward run requests to this Cloudflare API account URL (https://api.cloudflare.com/client/v4/accounts/ID, "
+        "the token from CLOUDFLARE_API_TOKEN) and record the answers in --record",
+    ),
+    "record": Option("--record", "WAI_RECORD", "the folder --upstream writes its recordings to"),
+    "replay": Option(
+        "--replay", "WAI_REPLAY", "answer run requests from the recordings in this folder, with no network"
+    ),
+    "on_miss": Option(
+        "--on-miss", "WAI_ON_MISS", "a request --replay has no recording of: fail (an error naming it) or local"
     ),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
 }

@@ -272,3 +272,20 @@ def test_vitest_runs_workers_against_the_server(server: ServerProcess, tmp_path)
     output = run.stdout + run.stderr
     assert run.returncode == 0, output[-4000:]
     assert "5 passed" in output, output[-2000:]
+
+
+def test_vitest_replays_recordings_and_meets_faults_through_extra_headers(tmp_path):
+    """The suite docs/testing-workers.md shows: env.AI answered from workers/test/recordings by a replaying server
+    (a miss fails), and the platform's errors asked for through the binding's extraHeaders."""
+    args = ("--replay", str(WORKERS / "test" / "recordings"), "--ctx-size", "256", "--parallel", "1")
+    with ServerProcess(tmp_path / "replay.log", *args) as replaying:
+        env = node_env(tmp_path) | {"WORKERS_AI_LOCAL": replaying.url}
+        run = subprocess.run(
+            [BIN / "vitest", "run", "-c", "vitest.replay.config.mts", "--reporter", "verbose"],
+            cwd=WORKERS, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        completed = metric(httpx.get(replaying.url + "/metrics").text, "workers_ai_completion_tokens_total")
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-4000:]
+    assert "5 passed" in output, output[-2000:]
+    assert completed == 0  # every answer came from a recording or a fault

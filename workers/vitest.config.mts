@@ -13,5 +13,6 @@ export default defineConfig({
       miniflare: { ai: { binding: "AI", remoteProxyConnectionString: new URL(server) } },
     }),
   ],
-  test: { include: ["test/**/*.spec.ts"], testTimeout: 60_000 },
+  // test/replay/ runs against a replaying server: vitest.replay.config.mts.
+  test: { include: ["test/*.spec.ts"], testTimeout: 60_000 },
 });
