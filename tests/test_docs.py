@@ -57,20 +57,20 @@ READING = {"text", "txt", "mermaid", "diff", "output", "log", "http", "csv", "ma
 EXTERNAL_FLAGS: dict[str, set[str]] = {
     "curl": set(
         "--data --request --header --no-buffer --silent --show-error --fail --fail-with-body --json --include "
-        "--max-time --output --form".split()
+        "--max-time --output --form --write-out".split()
     ),
     "wrangler": {"--env", "--config", "--port", "--ip", "--local", "--remote", "--var"},
     "vitest": {"--run", "--config", "--reporter"},
     "ray": {"--head", "--port", "--address", "--num-gpus", "--num-cpus", "--dashboard-host"},
     "serve": {"--address", "--name"},
-    "pip": {"--no-deps", "--force-reinstall", "--upgrade", "--editable", "--quiet"},
-    "pipx": {"--pip-args", "--python", "--force"},
+    "pip": {"--no-deps", "--force-reinstall", "--upgrade", "--editable", "--quiet", "--no-binary", "--find-links"},
+    "pipx": {"--pip-args", "--python", "--force", "--find-links"},  # --find-links: pip's, inside --pip-args
     "pytest": {"--durations", "--exitfirst", "--quiet", "--numprocesses"},
     "npm": {"--save-dev", "--no-audit", "--no-fund", "--prefix"},
     "node": {"--input-type"},
     "docker": {"--rm", "--publish", "--volume", "--env", "--gpus", "--name", "--tag", "--file", "--interactive"},
     "git": {"--depth", "--branch"},
-    "uv": {"--python", "--with"},
+    "uv": {"--python", "--with", "--find-links"},
     "llama-server": {"--kv-unified", "--parallel", "--ctx-size", "--n-gpu-layers", "--flash-attn", "--cont-batching"},
 }
 # What runs what: the first word of a command, or python -m's module, to the tool whose flags it takes.
@@ -212,7 +212,11 @@ def test_runnable_blocks_run_against_a_real_server(block: Block, docs_server: Se
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", "NO_COLOR": "1"}
     if block.lang in SHELL:
         # curl as documented, but an HTTP error fails the block instead of printing an error body.
-        prelude = 'curl() { command curl --silent --show-error --fail-with-body --max-time 280 "$@"; }\n'
+        # A block that prints the status itself (-w) shows an error on purpose.
+        prelude = (
+            'curl() { case " $* " in *" -w "*|*" --write-out "*) set -- "$@";; *) set -- --fail-with-body "$@";; esac\n'
+            '  command curl --silent --show-error --max-time 280 "$@"; }\n'
+        )
         command, cwd = ["bash", "-euo", "pipefail", "-c", prelude + code], PROJECT_ROOT
     elif block.lang in PYTHON:
         command, cwd = [sys.executable, "-c", code], PROJECT_ROOT
@@ -257,7 +261,7 @@ def project_script_flags(relative: str) -> set[str] | None:
 def all_project_flags() -> set[str]:
     """Our own flags, wherever defined: the server's, Ray Serve's, and every argparse flag of our Python files
     (scripts, and subcommands such as a console command's)."""
-    flags = set(RAY_SERVE_FLAGS)
+    flags = RAY_SERVE_FLAGS | {"--version"}  # the console command reads --version itself (server/cli.py)
     for folder in ("server", "bench", "models", "deploy", "tests"):
         for source in (PROJECT_ROOT / folder).rglob("*.py"):
             flags |= _argparse_flags(source)
@@ -382,8 +386,7 @@ def test_every_documented_route_is_served(path: Path, docs_server: ServerProcess
 
 # Pages that other branches add and the README already links; the lead empties this once they are merged, and from
 # then on a link to a missing page fails like any other.
-PENDING_PAGES = {"docs/hardening.md", "docs/ci.md", "docs/container.md", "docs/gateway.md",
-                 "docs/testing-workers.md", "docs/compatibility.md"}  # fmt: skip
+PENDING_PAGES = {"docs/container.md", "docs/compatibility.md"}
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..errors import TOO_LARGE, ApiError, OpenAIError
+from ..errors import METHOD_NOT_ALLOWED, TOO_LARGE, ApiError, OpenAIError
 from .store import CachedAnswer, GatewayStore, LogEntry, new_log_id
 
 GATEWAY_URL = re.compile(r"^/v1/(?P<account>[^/]+)/(?P<gateway>[^/]+)/(?P<provider>workers-ai|compat)/(?P<rest>.+)$")
@@ -164,7 +164,7 @@ class GatewayLayer:
         self.max_body = max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path = scope["path"]
@@ -174,6 +174,8 @@ class GatewayLayer:
             return
         openai = match is not None and (match["provider"] == "compat" or match["rest"].startswith("v1/"))
         try:
+            if scope["method"] != "POST":  # a gateway URL is a route of its own, answered as the routes answer
+                raise ApiError(405, METHOD_NOT_ALLOWED, f"Method {scope['method']} not allowed here")
             await self._serve(scope, receive, send, match)
         except (ApiError, OpenAIError) as exc:
             if isinstance(exc, ApiError) and openai:
