@@ -28,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NO_ROUTE, NO_SUCH_MODEL, ApiError, bad_input
 from ..http_io import read_json
+from ..run_options import RunOptions
 from ..text_generation import TextGeneration
 from .catalog import BINDING_MODELS_PATH as MODELS_PATH
 from .workers_ai import answer_run
@@ -83,7 +84,8 @@ class BindingRoutes:
         if options.get("gateway") is not None or request.url.path == "/ai-gateway/run":
             self._note_gateway()
         # JSONResponse's content type is exactly `application/json`: with a charset, workerd streams the body.
-        return await answer_run(self.generation, request, self.generation.parse(model, inputs), JSONResponse)
+        run = self.generation.parse(model, inputs)
+        return await answer_run(self.generation, request, run, JSONResponse, RunOptions.from_body({"options": options}))
 
     @staticmethod
     def _unwrap(body: object) -> tuple[object, dict[str, Any]]:

@@ -25,6 +25,7 @@ from ..contract import RunRequest
 from ..engine import GenerationFailed, SamplingParams
 from ..errors import ApiError, OpenAIError
 from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..run_options import RunOptions
 from ..text_generation import Answer, TextGeneration
 
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
@@ -204,6 +205,8 @@ class OpenAIRoutes:
             session=request.headers.get(SESSION_HEADER),
             tool_choice=choice,
             stops=[stop] if isinstance(stop, str) else stop,
+            # Workers AI reads `options` at the top of the body; top-level `rejectIfBusy` is taken too.
+            options=RunOptions.from_body(body, top_level=True),
         )
         request.state.generation = answer.generation
         reply = Reply(body["model"], chat, answer)
