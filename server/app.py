@@ -24,6 +24,7 @@ from .engine import ContextSettings, Engine
 from .errors import INTERNAL, METHOD_NOT_ALLOWED, NO_ROUTE, ApiError
 from .metrics import ServerMetrics
 from .model_store import ModelStore
+from .strict import StrictRoutes
 from .surfaces.binding import BindingRoutes, MiniflareProxy
 from .surfaces.catalog import ModelCatalog
 from .surfaces.finetunes import FinetuneRoutes
@@ -107,7 +108,7 @@ def create_engine(
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
-    generation = TextGeneration(engine, contracts, adapters)
+    generation = TextGeneration(engine, contracts, adapters, strict=settings.strict)
     metrics = ServerMetrics(engine)
     surfaces = [
         WorkersAIRoutes(generation, settings.max_body_bytes),
@@ -133,6 +134,7 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             Middleware(MiniflareProxy),
             Middleware(AccessLog, metrics=metrics),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
+            *([Middleware(StrictRoutes)] if settings.strict else []),
         ],
         exception_handlers={ApiError: api_error, HTTPException: http_error, Exception: unexpected_error},
         lifespan=lifespan,

@@ -33,6 +33,7 @@ from .errors import INVALID_MODEL_ID, NO_SUCH_MODEL, OUT_OF_CAPACITY, ApiError, 
 from .run_options import DEFAULT_OPTIONS, RunOptions
 from .run_plan import ModelTraits, RunPlan
 from .stops import StopScanner
+from .strict import refuse_extensions
 from .tools import CallStream, ToolCall
 
 log = logging.getLogger("workers_ai_local.text_generation")
@@ -111,10 +112,14 @@ class Answer:
 
 
 class TextGeneration:
-    def __init__(self, engine: Engine, contracts: Mapping[str, InputContract], adapters: AdapterStore) -> None:
+    def __init__(
+        self, engine: Engine, contracts: Mapping[str, InputContract], adapters: AdapterStore, strict: bool = False
+    ) -> None:
+        """`strict`: refuse what the hosted model refuses (see strict.py)."""
         self.engine = engine
         self.contracts = dict(contracts)
         self.adapters = adapters
+        self.strict = strict
 
     @property
     def models(self) -> list[str]:
@@ -142,6 +147,8 @@ class TextGeneration:
         """Queue a run. Refusals (bad grammar or template, too long a prompt, a full queue, a model still loading,
         an unknown adapter, a busy server under rejectIfBusy) raise ApiError in Workers AI's codes before anything
         is generated."""
+        if self.strict:
+            refuse_extensions(run)
         adapter = self.adapter_path(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
         constrained = "'/response_format/json_schema'" if plan.json_schema is not None else "a tool's parameters"
