@@ -71,6 +71,8 @@ const probes: Record<string, Probe> = {
   },
   "/gateway": (_, env) =>
     outcome(() => env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 4 }, { gateway: { id: "my-gateway" } })),
+  "/reject-if-busy": (_, env) =>
+    outcome(() => env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 2 }, { rejectIfBusy: true })),
   "/request-id": async (_, env) => {
     await env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 2 });
     return Response.json({ id: env.AI.lastRequestId });
