@@ -29,6 +29,7 @@ from .gateway import GatewayLayer, GatewayLogRoutes, GatewayStore, served_model
 from .http_io import CLIENT_CLOSED
 from .metrics import ServerMetrics
 from .model_store import ModelStore
+from .strict import StrictRoutes
 from .surfaces.binding import BindingRoutes, MiniflareProxy
 from .surfaces.catalog import ModelCatalog
 from .surfaces.finetunes import FinetuneRoutes
@@ -145,7 +146,7 @@ def browser_guard(settings: Settings) -> list[Middleware]:
 def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlette:
     contracts = {name: InputContract(SCHEMAS_DIR / model.input_schema) for name, model in store.models.items()}
     adapters = AdapterStore(Path(settings.lora_dir), set(store.models), lambda: base_shape(engine))
-    generation = TextGeneration(engine, contracts, adapters)
+    generation = TextGeneration(engine, contracts, adapters, strict=settings.strict)
     metrics = ServerMetrics(engine)
     gateway = GatewayStore(settings.gateway_dir, settings.gateway_max_logs, settings.gateway_max_cache_bytes)
     surfaces = [
@@ -176,6 +177,8 @@ def create_app(settings: Settings, engine: Engine, store: ModelStore) -> Starlet
             Middleware(AccessLog, metrics=metrics),
             *browser_guard(settings),
             Middleware(TokenCheck, tokens=load_tokens(settings.api_token, settings.api_token_file)),
+            # --strict: the extension routes answer as routes that do not exist (before the gateway rewrites paths).
+            *([Middleware(StrictRoutes)] if settings.strict else []),
             # A gateway request is authorized first, then answered from the cache or by the surfaces.
             Middleware(
                 GatewayLayer,

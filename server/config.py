@@ -102,6 +102,7 @@ class Settings:
     replay: str = ""
     on_miss: str = "fail"
     log_level: str = "info"
+    strict: bool = False
 
     @property
     def loopback(self) -> bool:
@@ -262,6 +263,12 @@ OPTIONS: dict[str, Option] = {
         "--on-miss", "WAI_ON_MISS", "a request --replay has no recording of: fail (an error naming it) or local"
     ),
     "log_level": Option("--log-level", "WAI_LOG_LEVEL", "debug, info, warning or error"),
+    "strict": Option(
+        "--strict",
+        "WAI_STRICT",
+        "refuse what the hosted model refuses: JSON mode (5025) and this server's extension routes and fields, "
+        "so what passes here passes in production (docs/compatibility.md)",
+    ),
 }
 
 
@@ -278,9 +285,14 @@ def _add_options(
         default = getattr(defaults, field.name)
         if option.env in environ:
             try:
-                default = kind(environ[option.env])
+                default = _flag(environ[option.env]) if kind is bool else kind(environ[option.env])
             except ValueError as exc:
                 raise SystemExit(f"{option.env}={environ[option.env]!r} is not a valid {kind.__name__}") from exc
+        if kind is bool:  # a switch: --strict / --no-strict
+            help_text = f"{option.help} [env {option.env}=1; default: %(default)s]"
+            cli.add_argument(option.flag, dest=field.name, action=argparse.BooleanOptionalAction, default=default,
+                             help=help_text)  # fmt: skip
+            continue
         cli.add_argument(
             option.flag,
             dest=field.name,
@@ -291,6 +303,13 @@ def _add_options(
             if field.name == "api_token"
             else f"{option.help} [env {option.env}; default: %(default)s]",
         )
+
+
+def _flag(value: str) -> bool:
+    words = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+    if value.strip().lower() not in words:
+        raise ValueError(value)
+    return words[value.strip().lower()]
 
 
 def parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:

@@ -167,7 +167,8 @@ JSON_MODE_ALONE = {
 def refined(published: dict[str, Any]) -> dict[str, Any]:
     """The published input schema with what the server adds to it, so that one schema says what is accepted: a
     request for no tokens at all and a conversation of no turns are refused (the published schema leaves both
-    open); a tool parameter's `type` is a JSON type; JSON mode is described. The served OpenAPI document states
+    open); a tool parameter's `type` is a JSON type, and its `description` optional, as on the platform; JSON mode
+    is described. The served OpenAPI document states
     the same schema."""
     schema = copy.deepcopy(published)
     for branch in schema.get("oneOf", []):
@@ -180,6 +181,9 @@ def refined(published: dict[str, Any]) -> dict[str, Any]:
             spec = shape["properties"].get("function", shape)
             parameter = spec["properties"]["parameters"]["properties"]["properties"]["additionalProperties"]
             parameter["properties"]["type"] = {**parameter["properties"]["type"], "enum": JSON_TYPES}
+            # The platform takes a parameter without a description (langchain-cloudflare's live tests bind such
+            # tools, `get_weather(city: str)`, on models of this very tools schema), though the schema requires one.
+            parameter["required"] = [name for name in parameter["required"] if name != "description"]
         properties["response_format"] = RESPONSE_FORMAT
     return schema
 

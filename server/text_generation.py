@@ -9,6 +9,7 @@ reasons are decided here, once.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from .adapters import AdapterError, AdapterStore
 from .contract import InputContract, RunRequest
 from .engine import (
     BudgetTooSmall,
+    Busy,
     ChatTemplateError,
     Engine,
     EngineNotReady,
@@ -28,10 +30,13 @@ from .engine import (
     Usage,
 )
 from .errors import INVALID_MODEL_ID, NO_SUCH_MODEL, OUT_OF_CAPACITY, ApiError, bad_input
+from .run_options import DEFAULT_OPTIONS, RunOptions
 from .run_plan import ModelTraits, RunPlan
 from .stops import StopScanner
+from .strict import refuse_extensions
 from .tools import CallStream, ToolCall
 
+log = logging.getLogger("workers_ai_local.text_generation")
 CAPACITY_EXCEEDED = "Capacity temporarily exceeded, please try again."
 
 
@@ -107,10 +112,14 @@ class Answer:
 
 
 class TextGeneration:
-    def __init__(self, engine: Engine, contracts: Mapping[str, InputContract], adapters: AdapterStore) -> None:
+    def __init__(
+        self, engine: Engine, contracts: Mapping[str, InputContract], adapters: AdapterStore, strict: bool = False
+    ) -> None:
+        """`strict`: refuse what the hosted model refuses (see strict.py)."""
         self.engine = engine
         self.contracts = dict(contracts)
         self.adapters = adapters
+        self.strict = strict
 
     @property
     def models(self) -> list[str]:
@@ -128,15 +137,23 @@ class TextGeneration:
         return contract.parse(body)
 
     async def start(
-        self, run: RunRequest, session: str | None = None, tool_choice: str = "auto", stops: Sequence[str] = ()
+        self,
+        run: RunRequest,
+        session: str | None = None,
+        tool_choice: str = "auto",
+        stops: Sequence[str] = (),
+        options: RunOptions = DEFAULT_OPTIONS,
     ) -> Answer:
         """Queue a run. Refusals (bad grammar or template, too long a prompt, a full queue, a model still loading,
-        an unknown adapter) raise ApiError in Workers AI's codes before anything is generated."""
+        an unknown adapter, a busy server under rejectIfBusy) raise ApiError in Workers AI's codes before anything
+        is generated."""
+        if self.strict:
+            refuse_extensions(run)
         adapter = self.adapter_path(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
         constrained = "'/response_format/json_schema'" if plan.json_schema is not None else "a tool's parameters"
         try:
-            generation = await self.engine.submit(plan.completion(run, session, adapter))
+            generation = await self.engine.submit(plan.completion(run, session, adapter), options.reject_if_busy)
         except GrammarError as exc:
             raise bad_input(f"Error: {constrained} cannot be enforced: {exc}") from exc
         except BudgetTooSmall as exc:
@@ -145,6 +162,9 @@ class TextGeneration:
             raise bad_input(f"Error: {exc}") from exc
         except PromptTooLong as exc:
             raise bad_input(f"Error: {exc}; shorten the input") from exc
+        except Busy as exc:
+            log.info("rejected at once (rejectIfBusy): %s", exc)
+            raise ApiError(429, OUT_OF_CAPACITY, CAPACITY_EXCEEDED) from exc
         except QueueFull as exc:
             raise ApiError(429, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
         except EngineNotReady as exc:

@@ -177,8 +177,9 @@ class ToolCalling:
             call = {**call, "$defs": definitions}
         if self.native:
             # Llama 3.1 decides between text and calls itself (unless told to call), and may make several.
+            # Its text is left as free as it is without tools: only an answer that opens a call is held to them.
             text = self.choice == "auto"
-            return Grammar.tool_calls(call, text_allowed=text, several=True, python_tag=self.python_tag)
+            return Grammar.tool_calls(call, text_allowed=text, several=True, python_tag=self.python_tag, free_text=True)
         if self.choice != "auto" or (messages and messages[-1]["role"] == "user"):
             return Grammar.tool_calls(call, text_allowed=False, several=False, python_tag=False)
         return Grammar.plain_text()

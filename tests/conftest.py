@@ -149,6 +149,14 @@ def tight(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="session")
+def strict(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """--strict: what the hosted model refuses is refused (docs/compatibility.md)."""
+    log = tmp_path_factory.mktemp("strict") / "server.log"
+    with ServerProcess(log, "--strict", "--parallel", "1", "--ctx-size", "512") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="session")
 def client(server: ServerProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=120) as http:
         yield http

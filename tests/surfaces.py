@@ -69,6 +69,11 @@ class Surface:
         path, headers, payload = self.request(body, token)
         return http.post(path, json=payload, headers={**headers, **extra.pop("headers", {})}, **extra)
 
+    def with_options(self, payload: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """A request body of this surface carrying run options (e.g. rejectIfBusy) where Workers AI reads them:
+        an `options` object beside the inputs (the binding's third argument travels in it)."""
+        return {**payload, "options": {**payload.get("options", {}), **options}}
+
     @contextmanager
     def open_stream(
         self, http: httpx.Client, body: dict[str, Any], token: str | None = None

@@ -61,6 +61,21 @@ def test_a_request_that_fits_the_pool_but_not_its_free_part_waits(pool):
     assert time.monotonic() - started < 300
 
 
+def test_reject_if_busy_counts_the_pool_not_only_the_slots(pool):
+    # One stream claims most of the pool (its prompt and 3500 tokens to generate): three slots are free, yet a
+    # request whose cells do not fit beside it would wait, so under rejectIfBusy it is refused; a small one runs.
+    holding = {"prompt": COUNTING, "raw": True, "max_tokens": 3500, "temperature": 0, "stream": True}
+    with httpx.Client(base_url=pool.url, timeout=120) as http:
+        with http.stream("POST", run_url(), json=holding) as stream:
+            assert next(line for line in stream.iter_lines() if line).startswith("data: {")
+            big = {"prompt": "Say hi.", "max_tokens": 1000, "options": {"rejectIfBusy": True}}
+            assert_error(http.post(run_url(), json=big), 429, 3040)
+            assert "rejected at once (rejectIfBusy): the KV pool holds 4096 tokens" in pool.log()
+            small = assert_ok(http.post(run_url(), json={**big, "max_tokens": 2}))
+            assert small["usage"]["completion_tokens"] <= 2
+        wait_for(pool.url, "slots_busy", 0)
+
+
 def test_conversations_taking_turns_keep_their_own_prefixes(pool):
     # Four conversations, no session header, one request at a time: each one's second turn finds its first turn's
     # prompt still cached, because a newcomer takes an empty or least recently used slot, not another's.

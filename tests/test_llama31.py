@@ -144,6 +144,32 @@ def test_raw_mode_never_doubles_bos_and_llama_cpp_never_warns(llama):
     assert "BOS" not in llama.log(), "llama.cpp warned about BOS tokens"
 
 
+STOCK = {
+    "name": "get_stock_price",
+    "description": "Stock price for a ticker",
+    "parameters": {
+        "type": "object",
+        "properties": {"ticker": {"type": "string", "description": "The ticker"}},
+        "required": ["ticker"],
+    },
+}
+
+
+def test_a_tools_request_draws_what_its_prompt_draws_raw_unless_it_opens_a_call(llama):
+    # The tool grammar holds only an answer that opens a call: text, whitespace first included, is the model's own.
+    # This prompt's greedy answer opens with a space; a text branch that forbade it made the model answer otherwise.
+    body = {"messages": [{"role": "user", "content": "please about ocean?"}], "tools": [WEATHER, STOCK]}
+    prompt = tokenize(llama.url, body)
+    greedy = {"temperature": 0, "max_tokens": 12}
+    raw = assert_ok(
+        httpx.post(f"{llama.url}/ai/run/{MODEL}", json={"prompt": prompt["prompt"], "raw": True, **greedy}, timeout=60)
+    )
+    tools = assert_ok(httpx.post(f"{llama.url}/ai/run/{MODEL}", json={**body, **greedy}, timeout=60))
+    assert raw["usage"]["prompt_tokens"] == tools["usage"]["prompt_tokens"] == len(prompt["tokens"])
+    assert raw["response"][0] == " " and raw["response"].strip(), raw
+    assert (tools["response"], tools["tool_calls"]) == (raw["response"], [])
+
+
 def test_the_stand_in_has_the_real_models_context_and_shape(llama):
     health = httpx.get(llama.url + "/health").json()
     assert health["context_window"] == 4096

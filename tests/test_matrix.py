@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from conftest import GUARD_TOKEN, ServerProcess, metric, wait_for, wait_idle
-from surfaces import SURFACES, Surface
+from surfaces import SURFACES, OpenAI, Surface
 from test_generation import COUNTING, STORY
 
 WEATHER = {
@@ -205,6 +205,40 @@ def test_a_full_queue_answers_429_at_once(tight: ServerProcess, surface: Surface
             holder.join(30)
     wait_for(tight.url, "queue_depth", 0)
     wait_for(tight.url, "slots_busy", 0)
+
+
+@over()
+def test_reject_if_busy_fails_at_once_where_the_request_would_wait(tight: ServerProcess, surface: Surface):
+    body = {"prompt": "Say hi.", "max_tokens": 2}
+    path, headers, payload = surface.request(body)
+    rejecting = surface.with_options(payload, {"rejectIfBusy": True})
+    stop, running = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_a_slot, args=(tight.url, running, stop))
+    with httpx.Client(base_url=tight.url, timeout=30) as http:
+        try:
+            holder.start()
+            wait_for(tight.url, "slots_busy", 1)  # the one slot is taken, nothing waits: a request would queue
+            started = time.monotonic()
+            response = http.post(path, json=rejecting, headers=headers)
+            assert time.monotonic() - started < 2
+            assert surface.error(response, 429) == "Capacity temporarily exceeded, please try again."
+            if isinstance(surface, OpenAI):
+                assert response.json()["error"]["code"] == "3040"
+                top_level = http.post(path, json={**payload, "rejectIfBusy": True}, headers=headers)
+                assert surface.error(top_level, 429) == "Capacity temporarily exceeded, please try again."
+            else:
+                assert response.json()["errors"][0]["code"] == 3040
+            assert tight.log().count("rejected at once (rejectIfBusy): all 1 slots are taken") >= 1
+            assert httpx.get(tight.url + "/health").json()["queue_depth"] == 0  # it never queued
+            bad = http.post(path, json=surface.with_options(payload, {"rejectIfBusy": "yes"}), headers=headers)
+            assert "rejectIfBusy' must be a boolean" in surface.error(bad, 400)
+        finally:
+            stop.set()
+            holder.join(30)
+        wait_for(tight.url, "slots_busy", 0)
+        # A free slot: the same request runs.
+        response = http.post(path, json=rejecting, headers=headers)
+        assert response.status_code == 200, response.text
 
 
 @over()

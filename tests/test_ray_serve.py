@@ -230,6 +230,50 @@ def test_a_full_cluster_answers_429_in_the_routes_own_shape(http: httpx.Client, 
             ]
 
 
+def busy_slots(url: str) -> int:
+    replicas = httpx.get(url + "/health", timeout=5).json()["replicas"].values()
+    return sum(int(report.get("slots_busy", 0)) for report in replicas)
+
+
+def test_reject_if_busy_fails_at_once_when_every_replica_is_full(http: httpx.Client, ray_server: ServerProcess):
+    long = {"prompt": COUNTING, "raw": True, "max_tokens": 900, "temperature": 0, "stream": True}
+    stop = threading.Event()
+
+    def hold() -> None:
+        with httpx.stream("POST", f"{ray_server.url}/ai/run/{MODEL}", json=long, headers=AUTH, timeout=120) as r:
+            for _ in r.iter_bytes():
+                if stop.is_set():
+                    return
+
+    holders = [threading.Thread(target=hold) for _ in range(REPLICAS * PARALLEL)]
+    rejecting = {"prompt": "Say hi.", "max_tokens": 2, "options": {"rejectIfBusy": True}}
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 2}
+    try:
+        for holder in holders:
+            holder.start()
+        deadline = time.monotonic() + 60
+        while busy_slots(ray_server.url) < REPLICAS * PARALLEL and time.monotonic() < deadline:
+            time.sleep(0.2)
+        started = time.monotonic()
+        refused = http.post(f"/ai/run/{MODEL}", json=rejecting)
+        assert time.monotonic() - started < 2
+        assert refused.status_code == 429, refused.text
+        capacity = {"code": 3040, "message": "Capacity temporarily exceeded, please try again."}
+        assert refused.json()["errors"] == [capacity]
+        openai_refused = http.post("/v1/chat/completions", json={**chat, "options": {"rejectIfBusy": True}})
+        assert openai_refused.status_code == 429 and openai_refused.json()["error"]["code"] == "3040"
+        assert httpx.post(ray_server.url + f"/ai/run/{MODEL}", json=rejecting).status_code == 401  # auth first
+    finally:
+        stop.set()
+        for holder in holders:
+            holder.join(60)
+    deadline = time.monotonic() + 60
+    while busy_slots(ray_server.url) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    accepted = http.post(f"/ai/run/{MODEL}", json=rejecting)
+    assert accepted.status_code == 200, accepted.text
+
+
 # -- faults (last: it replaces a replica) --------------------------------------------------------------------------
 
 

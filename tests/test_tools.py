@@ -128,3 +128,38 @@ def test_malformed_tool_history_is_a_400_not_a_500(client):
     assert_error(client.post(run_url(), json=body), 400, 5006, "tool call")
     body["messages"][1]["tool_calls"] = [{"arguments": {}}]
     assert_error(client.post(run_url(), json=body), 400, 5006, "tool call")
+
+
+# What langchain-cloudflare's bind_tools sends for `@tool def get_weather(city: str)`: convert_to_openai_tool's
+# shape, a parameter with no description, plus the $schema and additionalProperties it adds. Its live tests bind
+# this tool on the platform (models of this same tools schema) and expect an answer, not an error.
+BOUND_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"],
+            "$schema": "http://json-schema.org/draft-07/schema#",
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def test_a_parameter_without_a_description_is_taken_as_the_platform_takes_it(client):
+    messages = [{"role": "user", "content": "What's the weather in San Francisco?"}]
+    body = {"messages": messages, "tools": [BOUND_WEATHER], "max_tokens": 48, "temperature": 0}
+    result = assert_ok(client.post(run_url(), json=body))
+    (call,) = result["tool_calls"]
+    assert call["name"] == "get_weather" and isinstance(call["arguments"]["city"], str)
+    flat = {**BOUND_WEATHER["function"]}
+    assert assert_ok(client.post(run_url(), json={**body, "tools": [flat]}))["tool_calls"]
+    openai = {"model": MODEL, "messages": messages, "tools": [BOUND_WEATHER], "max_tokens": 48, "temperature": 0}
+    choice = client.post("/v1/chat/completions", json=openai).json()["choices"][0]
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+    # A parameter still needs its type.
+    untyped = {**flat, "parameters": {"type": "object", "properties": {"city": {"description": "The city"}}}}
+    assert_error(client.post(run_url(), json={**body, "tools": [untyped]}), 400, 5006)

@@ -13,13 +13,14 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from conftest import GUARD_TOKEN, MODEL, PROJECT_ROOT, ServerProcess, free_port, metric, wait_idle
+from conftest import GUARD_TOKEN, MODEL, PROJECT_ROOT, ServerProcess, free_port, metric, wait_for, wait_idle
 
 WORKERS = PROJECT_ROOT / "workers"
 BIN = WORKERS / "node_modules" / ".bin"
@@ -219,6 +220,37 @@ def test_binding_options_and_models(worker: WorkerHost, server: ServerProcess):
     assert models["ok"] and MODEL in [m["name"] for m in models["value"]]
     if worker.kind == "miniflare":  # an RPC entrypoint cannot keep per-call state (see docs/workers.md)
         assert len(probe(worker, "/request-id")["id"]) == 36
+
+
+def test_reject_if_busy_fails_fast_in_a_worker(tight: ServerProcess, bundle: Path, tmp_path):
+    host = miniflare(bundle, tight.url, tmp_path / "busy")
+    stop, opened = threading.Event(), threading.Event()
+
+    def hold_the_slot() -> None:
+        body = {"prompt": "1, 2, 3, 4, 5,", "raw": True, "max_tokens": 900, "temperature": 0, "stream": True}
+        with httpx.stream("POST", tight.url + f"/client/v4/accounts/a/ai/run/{MODEL}", json=body, timeout=60) as r:
+            opened.set()
+            for _ in r.iter_bytes():
+                if stop.is_set():
+                    return
+
+    holder = threading.Thread(target=hold_the_slot)
+    try:
+        holder.start()
+        wait_for(tight.url, "slots_busy", 1)
+        started = time.monotonic()
+        result = probe(host, "/reject-if-busy")
+        assert time.monotonic() - started < 5
+        assert (result["ok"], result["name"]) == (False, "InferenceUpstreamError"), result
+        assert result["message"] == "3040: Capacity temporarily exceeded, please try again."
+        stop.set()
+        holder.join(30)
+        wait_for(tight.url, "slots_busy", 0)
+        assert probe(host, "/reject-if-busy")["ok"]
+    finally:
+        stop.set()
+        holder.join(30)
+        host.stop()
 
 
 def completion_tokens(client: httpx.Client) -> float:

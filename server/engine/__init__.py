@@ -3,6 +3,7 @@
 from .chat_template import ChatTemplateError
 from .engine import (
     BudgetTooSmall,
+    Busy,
     ChatPrompt,
     CompletionRequest,
     Engine,
@@ -20,6 +21,7 @@ from .sampler import SamplingParams
 
 __all__ = [
     "BudgetTooSmall",
+    "Busy",
     "ChatPrompt",
     "ChatTemplateError",
     "CompletionRequest",

@@ -114,6 +114,10 @@ class QueueFull(Exception):
     pass
 
 
+class Busy(Exception):
+    """A request that asked not to wait (rejectIfBusy) would have had to."""
+
+
 class BudgetTooSmall(Exception):
     """The tokens a request may generate cannot hold the shortest answer its grammar allows."""
 
@@ -352,9 +356,9 @@ class Engine:
         compiled = self.vocabulary.compile(request.grammar)
         return _Prepared(tokens, compiled, self.vocabulary.shortest_answer(request.grammar))
 
-    async def submit(self, request: CompletionRequest) -> Generation:
+    async def submit(self, request: CompletionRequest, reject_if_busy: bool = False) -> Generation:
         """Queue a request. Raises PromptTooLong, BudgetTooSmall, GrammarError or QueueFull at once, before
-        anything is generated."""
+        anything is generated; with `reject_if_busy`, Busy where it would wait (see `_would_wait`)."""
         if self.state is not EngineState.READY:
             raise EngineNotReady(self.error or "the model is still loading")
         prepared = await asyncio.to_thread(self._prepare, request)
@@ -369,12 +373,31 @@ class Engine:
         job = _Job(tokens, request, generation, prepared.grammar)
         with self._wake:
             free_slots = self.slots - self.busy_slots
+            if reject_if_busy:
+                reason = self._would_wait(job, free_slots)
+                if reason:
+                    raise Busy(reason)
             if self.max_queue and len(self._waiting) - free_slots >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
             self._waiting.append(job)
             generation.on_cancel = lambda: self._withdraw(job)
             self._wake.notify()
         return generation
+
+    def _would_wait(self, job: _Job, free_slots: int) -> str:
+        """Why `job` could not start at the engine's next admission, or "" if it could (called holding the lock).
+        Admission is first come, first served: the requests already waiting take the free slots, and in the pool
+        layout the cells, before this one; idle slots' caches give way, so only running and waiting requests count."""
+        if len(self._waiting) >= free_slots:
+            return f"all {self.slots} slots are taken" + (
+                f" and {len(self._waiting)} requests are waiting" if self._waiting else ""
+            )
+        assert self.model is not None
+        if self.model.shared_pool:
+            claimed = self.kv_reserved + sum(waiting.cells for waiting in self._waiting)
+            if claimed + job.cells > self.model.kv_size:
+                return f"the KV pool holds {self.model.kv_size} tokens and {claimed} are claimed"
+        return ""
 
     def _withdraw(self, job: _Job) -> None:
         # A request whose client left while it waited never takes a slot. One already in a slot is

@@ -15,8 +15,13 @@ from typing import Any
 from .completion import Layout
 
 LAYOUT = Layout(item=b", ", key=b": ")
-# Text that is not a call: it may not open with a brace (or whitespace before one), which would start a call.
+# Text that is not a call, for a model told of tools in a system turn of ours: it may not open with a brace (or
+# whitespace before one), which would start a call; a small model otherwise imitates the calls it was shown.
 TEXT_TERMINAL = r"TEXT: /[^{\s][\s\S]*/"
+# Text beside calls for a model whose own template renders the tools: anything it would write without a grammar
+# but a call, which opens with a brace (after any whitespace) or <|python_tag|>. Whitespace alone is text too.
+FREE_TEXT_TERMINAL = r"TEXT: /\s*[^{\s][\s\S]*|\s+/"
+LEADING_SPACE_TERMINAL = r"LEAD: /\s+/"
 # Llama 3.1 marks a call it means to run with <|python_tag|>, and several calls are written one after another
 # separated by "; " (the separator its function-calling parsers split on).
 PYTHON_TAG = "<|python_tag|>"
@@ -40,17 +45,27 @@ class Grammar:
         return cls(f"start: {_embedded(schema)}", document=schema, whole_answer=True)
 
     @classmethod
-    def tool_calls(cls, call: dict[str, Any], text_allowed: bool, several: bool, python_tag: bool) -> Grammar:
-        """Tool calls validating against `call` (one schema for all the declared tools), or else text that does
-        not open with a brace when `text_allowed`; `several` calls separated as Llama 3.1 writes them."""
+    def tool_calls(
+        cls, call: dict[str, Any], text_allowed: bool, several: bool, python_tag: bool, free_text: bool = False
+    ) -> Grammar:
+        """Tool calls validating against `call` (one schema for all the declared tools), or else text when
+        `text_allowed`: with `free_text`, any text that does not open a call (whitespace may precede a call);
+        otherwise text that does not open with a brace or whitespace. `several` calls separated as Llama 3.1
+        writes them."""
         calls = "call" + (f' ("{CALL_SEPARATOR}" call)*' if several else "")
+        if not text_allowed:
+            start = "start: calls"
+        elif free_text:
+            start = "start: TEXT? | LEAD? calls"
+        else:
+            start = "start: TEXT? | calls"
         rules = [
-            "start: TEXT? | calls" if text_allowed else "start: calls",
+            start,
             f"calls: {PYTHON_TAG}? {calls}" if python_tag else f"calls: {calls}",
             f"call: {_embedded(call)}",
         ]
         if text_allowed:
-            rules.append(TEXT_TERMINAL)
+            rules += [FREE_TEXT_TERMINAL, LEADING_SPACE_TERMINAL] if free_text else [TEXT_TERMINAL]
         return cls("\n".join(rules), document=call, text_allowed=text_allowed)
 
     @classmethod

@@ -130,6 +130,8 @@ class _Documents:
             self.completer.feed(bytes([b]))
             if self.completer.complete and not self.grammar.whole_answer:
                 self.state, self.completer = "between", None
+        elif self.state == "start" and chr(b).isspace():
+            pass  # whitespace before a call, or text that is only whitespace so far
         elif b == ord("{") and (self.state == "start" or self.separator == CALL_SEPARATOR.encode()):
             self.state, self.separator = "document", b""
             self.completer = self._completer()

@@ -6,7 +6,8 @@ named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH; see cluster.environment).
   ends with the same final error event a failed generation gets, not a cut connection.
 - ClusterEndpoints: GET /health and /metrics for every replica, from the reports Serve collects from them
   (deployment.EngineReplica.record_routing_stats), without occupying one.
-- PrefixKeys: reads a request's body, gives the router its prompt-prefix keys in a header, and replays the body.
+- PrefixKeys: reads a request's body, gives the router its prompt-prefix keys in a header, and replays the body;
+  a request asking rejectIfBusy while every replica is full is refused there (busy.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from workers_ai_local import sse
 from workers_ai_local.auth import TokenCheck, is_openai_path, load_tokens
 from workers_ai_local.config import load_settings
 from workers_ai_local.errors import INTERNAL, OUT_OF_CAPACITY, ApiError
-from workers_ai_local.ray_serve import prefixes
+from workers_ai_local.ray_serve import busy, prefixes
 from workers_ai_local.ray_serve.cluster import SERVER_ARGV_ENV
 from workers_ai_local.surfaces import openai, workers_ai
 from workers_ai_local.text_generation import CAPACITY_EXCEEDED
@@ -39,6 +40,17 @@ RAY_ERRORS = {
     500: ApiError(500, INTERNAL, REPLICA_STOPPED),
     408: ApiError(504, INTERNAL, "The request timed out"),
 }
+
+REJECTED_BUSY = ApiError(429, OUT_OF_CAPACITY, CAPACITY_EXCEEDED)  # rejectIfBusy while every replica is full
+
+
+def refusal(error: ApiError) -> ASGIApp:
+    """An app that answers every request with `error`, in the shape of the request's route."""
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        await openai.error_response(scope["path"], error)(scope, receive, send)
+
+    return answer
 
 
 def stream_error_event(scope: Scope, message: str) -> bytes:
@@ -163,9 +175,12 @@ class ClusterEndpoints:
 
 
 class PrefixKeys:
-    def __init__(self, app: ASGIApp, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, tokens: list[str]) -> None:
         self.app = app
         self.max_body = max_body
+        # A refusal here is answered only to a request the replica would have let in (its token checked the same
+        # way); one forwarded by Miniflare carries its token in the path, and is left to the replica.
+        self.reject_busy = TokenCheck(refusal(REJECTED_BUSY), tokens)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] != "POST":
@@ -180,7 +195,12 @@ class PrefixKeys:
                 break
             size += len(message.get("body", b""))
             complete = not message.get("more_body", False)
-        keys = prefixes.prefix_keys(b"".join(m.get("body", b"") for m in buffered)) if complete else []
+        body = b"".join(m.get("body", b"") for m in buffered)
+        forwarded = any(name == b"mf-url" for name, _ in scope["headers"])
+        if complete and not forwarded and busy.rejects_if_busy(body) and busy.cluster_busy():
+            await self.reject_busy(scope, receive, send)
+            return
+        keys = prefixes.prefix_keys(body) if complete else []
         if keys:
             scope = {**scope, "headers": [*scope["headers"], (prefixes.PREFIX_HEADER, ",".join(keys).encode())]}
 
@@ -197,5 +217,5 @@ def middlewares() -> list[Middleware]:
     return [
         Middleware(RayAnswers),
         Middleware(ClusterEndpoints, tokens=tokens),
-        Middleware(PrefixKeys, max_body=settings.max_body_bytes),
+        Middleware(PrefixKeys, max_body=settings.max_body_bytes, tokens=tokens),
     ]

@@ -29,6 +29,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import NO_ROUTE, NO_SUCH_MODEL, ApiError, bad_input
 from ..http_io import read_json
+from ..run_options import RunOptions
 from ..text_generation import TextGeneration
 from .catalog import BINDING_MODELS_PATH as MODELS_PATH
 from .workers_ai import answer_run
@@ -76,12 +77,13 @@ class BindingRoutes:
         return response
 
     async def _run(self, request: Request) -> Response:
-        inputs, _options = self._unwrap(await read_json(request, self.max_body))
+        inputs, options = self._unwrap(await read_json(request, self.max_body))
         model = request.headers.get(MODEL_HEADER)
         if not model:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model: the {MODEL_HEADER} header is missing")
         # JSONResponse's content type is exactly `application/json`: with a charset, workerd streams the body.
-        return await answer_run(self.generation, request, self.generation.parse(model, inputs), JSONResponse)
+        run = self.generation.parse(model, inputs)
+        return await answer_run(self.generation, request, run, JSONResponse, RunOptions.from_body({"options": options}))
 
     @staticmethod
     def _unwrap(body: object) -> tuple[object, dict[str, Any]]:

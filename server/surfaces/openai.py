@@ -25,6 +25,7 @@ from ..contract import RunRequest
 from ..engine import GenerationFailed, SamplingParams
 from ..errors import ApiError, OpenAIError
 from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..run_options import RunOptions
 from ..text_generation import Answer, TextGeneration
 
 PREFIXES = ("/v1", "/client/v4/accounts/{account_id}/ai/v1")
@@ -190,6 +191,8 @@ class OpenAIRoutes:
 
     async def _generate(self, request: Request, chat: bool) -> Response:
         body = self._parse(await read_json(request, self.max_body), chat)
+        if self.generation.strict and body.get("lora") is not None:
+            raise OpenAIError(400, "lora is an extension of workers-ai-local, off under --strict", param="lora")
         run = self._run_request(body, chat)
         if run.response_format is not None and run.stream:
             raise OpenAIError(400, "response_format with stream is not supported", param="response_format")
@@ -204,6 +207,9 @@ class OpenAIRoutes:
             session=request.headers.get(SESSION_HEADER),
             tool_choice=choice,
             stops=[stop] if isinstance(stop, str) else stop,
+            # Workers AI reads `options` at the top of the body; top-level `rejectIfBusy` is taken too, except
+            # under --strict, where it is ignored as production ignores it.
+            options=RunOptions.from_body(body, top_level=not self.generation.strict),
         )
         request.state.generation = answer.generation
         reply = Reply(body["model"], chat, answer)

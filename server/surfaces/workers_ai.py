@@ -14,6 +14,7 @@ from ..contract import RunRequest
 from ..engine import GenerationFailed
 from ..errors import INTERNAL, success
 from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..run_options import DEFAULT_OPTIONS, RunOptions
 from ..text_generation import Answer, TextGeneration
 
 
@@ -60,8 +61,10 @@ class WorkersAIRoutes:
         ]
 
     async def run(self, request: Request) -> Response:
-        run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
-        return await answer_run(self.generation, request, run, success)
+        body = await read_json(request, self.max_body)
+        run = self.generation.parse(request.path_params["model"], body)
+        assert isinstance(body, dict)  # the schema says so
+        return await answer_run(self.generation, request, run, success, RunOptions.from_body(body))
 
     async def tokenize(self, request: Request) -> Response:
         """An extension for debugging prompts: the text and token ids a run body becomes, chat template, tools and
@@ -72,11 +75,15 @@ class WorkersAIRoutes:
 
 
 async def answer_run(
-    generation: TextGeneration, request: Request, run: RunRequest, whole: Callable[[dict[str, Any]], Response]
+    generation: TextGeneration,
+    request: Request,
+    run: RunRequest,
+    whole: Callable[[dict[str, Any]], Response],
+    options: RunOptions = DEFAULT_OPTIONS,
 ) -> Response:
     """Start `run` and answer it as Workers AI does: its events when streamed, else the result as `whole` wraps it
     (the REST API's envelope, the binding's bare result)."""
-    answer = await generation.start(run, session=request.headers.get(SESSION_HEADER))
+    answer = await generation.start(run, session=request.headers.get(SESSION_HEADER), options=options)
     request.state.generation = answer.generation
     if run.stream:
         return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)

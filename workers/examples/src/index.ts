@@ -84,6 +84,8 @@ const probes: Record<string, Probe> = {
     const status = raw.headers.get("cf-aig-cache-status");
     return Response.json({ answers, status, rawLogId: raw.headers.get("cf-aig-log-id"), body: await raw.json() });
   },
+  "/reject-if-busy": (_, env) =>
+    outcome(() => env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 2 }, { rejectIfBusy: true })),
   "/request-id": async (_, env) => {
     await env.AI.run(MODEL, { prompt: "Say hi.", max_tokens: 2 });
     return Response.json({ id: env.AI.lastRequestId });
