@@ -48,7 +48,20 @@ def _init_backend() -> None:
     if not _backend_ready:
         llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
         llama.llama_backend_init()
+        _load_backend_libraries()
         _backend_ready = True
+
+
+def _load_backend_libraries() -> None:
+    # A build with GGML_BACKEND_DL (the container image's: one CPU library per instruction-set level) registers no
+    # backend until one is loaded, and ggml's default search (beside the executable, the working directory) misses
+    # the package's lib folder, where they are installed. A build with the backends linked in has them already.
+    from llama_cpp._ggml import libggml
+
+    if libggml.ggml_backend_reg_count() == 0:
+        libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        libggml.ggml_backend_load_all_from_path.restype = None
+        libggml.ggml_backend_load_all_from_path(str(Path(llama.__file__).parent / "lib").encode())
 
 
 class ModelLoadError(Exception):
