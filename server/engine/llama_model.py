@@ -56,12 +56,14 @@ def _load_backend_libraries() -> None:
     # A build with GGML_BACKEND_DL (the container image's: one CPU library per instruction-set level) registers no
     # backend until one is loaded, and ggml's default search (beside the executable, the working directory) misses
     # the package's lib folder, where they are installed. A build with the backends linked in has them already.
-    from llama_cpp._ggml import libggml
+    # Called through libllama's handle: the wheel holds libggml.so and libggml.so.0 as two files, and only the
+    # registry in the one libllama links (.so.0) counts.
+    from llama_cpp.llama_cpp import _lib as libllama
 
-    if libggml.ggml_backend_reg_count() == 0:
-        libggml.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
-        libggml.ggml_backend_load_all_from_path.restype = None
-        libggml.ggml_backend_load_all_from_path(str(Path(llama.__file__).parent / "lib").encode())
+    if libllama.ggml_backend_reg_count() == 0:
+        libllama.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        libllama.ggml_backend_load_all_from_path.restype = None
+        libllama.ggml_backend_load_all_from_path(str(Path(llama.__file__).parent / "lib").encode())
 
 
 class ModelLoadError(Exception):
