@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import cache
 from pathlib import Path
 
@@ -39,7 +39,7 @@ import pytest
 import yaml
 from conftest import PROJECT_ROOT, TEST_CTX, ServerProcess
 
-from workers_ai_local.config import CLUSTER_OPTIONS, OPTIONS
+from workers_ai_local.config import CLUSTER_OPTIONS, OPTIONS, Settings
 
 DOC_FILES = [PROJECT_ROOT / "README.md", *sorted((PROJECT_ROOT / "docs").glob("*.md"))]
 DOCUMENTED_ADDRESS = re.compile(r"http://(?:127\.0\.0\.1|localhost):8787")
@@ -68,7 +68,22 @@ EXTERNAL_FLAGS: dict[str, set[str]] = {
     "pytest": {"--durations", "--exitfirst", "--quiet", "--numprocesses"},
     "npm": {"--save-dev", "--no-audit", "--no-fund", "--prefix"},
     "node": {"--input-type"},
-    "docker": {"--rm", "--publish", "--volume", "--env", "--gpus", "--name", "--tag", "--file", "--interactive"},
+    "docker": {
+        "--rm",
+        "--publish",
+        "--volume",
+        "--env",
+        "--gpus",
+        "--name",
+        "--tag",
+        "--file",
+        "--interactive",
+        "--build-arg",
+        "--cpus",
+    },
+    "buildah": {"--isolation", "--layers", "--format", "--build-arg", "--tag", "--file", "--volume"},
+    "podman": {"--format"},
+    "mmdebstrap": {"--variant", "--include"},
     "git": {"--depth", "--branch"},
     "uv": {"--python", "--with", "--find-links"},
     "llama-server": {"--kv-unified", "--parallel", "--ctx-size", "--n-gpu-layers", "--flash-attn", "--cont-batching"},
@@ -247,7 +262,9 @@ def _argparse_flags(source: Path) -> set[str]:
     return flags
 
 
-SERVER_FLAGS = {option.flag for option in OPTIONS.values()} | {"--help"}
+# A switch (a bool setting, such as --strict) also takes its --no- form.
+SWITCHES = {OPTIONS[f.name].flag.replace("--", "--no-", 1) for f in fields(Settings) if f.type in (bool, "bool")}
+SERVER_FLAGS = {option.flag for option in OPTIONS.values()} | SWITCHES | {"--help"}
 RAY_SERVE_FLAGS = SERVER_FLAGS | {option.flag for option in CLUSTER_OPTIONS.values()}
 
 
@@ -303,6 +320,8 @@ def _tool_of(command: str) -> tuple[str, set[str]]:
     if program == "make":
         target = next((word for word in words[1:] if not ENV_ASSIGNMENT.match(word) and word[:1] != "-"), "")
         return f"make {target}", RAY_SERVE_FLAGS if target == "ray-serve" else SERVER_FLAGS
+    if program == "docker" and "run" in words[1:2]:  # what follows the image is the server's (its entrypoint)
+        return "docker run", EXTERNAL_FLAGS["docker"] | SERVER_FLAGS
     if program in EXTERNAL_FLAGS:
         return program, EXTERNAL_FLAGS[program]
     return program, all_project_flags()  # our own console command, or a tool named in prose
