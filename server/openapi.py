@@ -188,6 +188,12 @@ def build(store: ModelStore) -> dict[str, Any]:
         "BindingRun",
         binding_headers,
     )
+    gateway_binding = _run_operation(
+        "The Worker binding's request with a `gateway` option (env.AI.run through an AI Gateway)",
+        {"$ref": "#/components/schemas/RunResult"},
+        "GatewayBindingRun",
+        binding_headers,
+    )
     run = _run_operation(
         "Run a text-generation model (Workers AI)",
         _envelope({"$ref": "#/components/schemas/RunResult"}),
@@ -242,7 +248,7 @@ def build(store: ModelStore) -> dict[str, Any]:
         "/ai/run/{model}": run,
         "/ai/tokenize/{model}": tokenize,
         "/run": binding,
-        "/ai-gateway/run": binding,
+        "/ai-gateway/run": gateway_binding,
         "/ai-api/models/search": binding_models,
         "/client/v4/accounts/{account_id}/ai/models/search": search,
         "/client/v4/accounts/{account_id}/ai/models/schema": schema_of,
@@ -335,7 +341,6 @@ def build(store: ModelStore) -> dict[str, Any]:
                         "schema": {
                             "enum": [
                                 "https://workers-binding.ai/run?version=3",
-                                "https://workers-binding.ai/ai-gateway/run?version=3",
                             ]
                         },
                     },
@@ -395,9 +400,42 @@ def build(store: ModelStore) -> dict[str, Any]:
                     "type": "object",
                     "properties": {
                         "inputs": {"$ref": "#/components/schemas/RunInput"},
-                        "options": {"type": ["object", "null"]},
+                        "options": {
+                            "type": ["object", "null"],
+                            "properties": {"rejectIfBusy": {"type": ["boolean", "null"]}},
+                        },
                     },
                     "required": ["inputs"],
+                },
+                # What workerd sends for {gateway: {...}} (server/gateway/layer.py reads it).
+                "GatewayBindingRun": {
+                    "type": "object",
+                    "properties": {
+                        "inputs": {"$ref": "#/components/schemas/RunInput"},
+                        "options": {
+                            "type": "object",
+                            "properties": {
+                                "gateway": {
+                                    "type": "object",
+                                    "properties": {
+                                        "id": {"type": "string", "minLength": 1},
+                                        "skipCache": {"type": ["boolean", "null"]},
+                                        "cacheTtl": {"type": ["number", "null"], "minimum": 0, "maximum": 1e9},
+                                        "cacheKey": {"type": ["string", "null"]},
+                                        "metadata": {
+                                            "type": ["object", "null"],
+                                            "additionalProperties": {"not": {"type": ["object", "array"]}},
+                                        },
+                                        "collectLog": {"type": ["boolean", "null"]},
+                                    },
+                                    "required": ["id"],
+                                },
+                                "rejectIfBusy": {"type": ["boolean", "null"]},
+                            },
+                            "required": ["gateway"],
+                        },
+                    },
+                    "required": ["inputs", "options"],
                 },
                 "RunEvent": _run_event(result),
                 "ChatCompletionRequest": _with_model_enum(

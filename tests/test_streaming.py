@@ -70,7 +70,8 @@ def test_multibyte_characters_are_never_split(client):
 def log_line(server, path: str, timeout: float = 10.0) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        lines = [line for line in server.log().splitlines() if f" {path} " in line and "server.access" in line]
+        log = server.log().splitlines()
+        lines = [line for line in log if f" {path} " in line and "workers_ai_local.access" in line]
         if lines:
             return lines[-1]
         time.sleep(0.05)
