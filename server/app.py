@@ -67,7 +67,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
 async def unexpected_error(request: Request, exc: Exception) -> Response:
     # A bug of ours: log the traceback here, give the client the envelope, never the traceback.
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return ApiError(500, INTERNAL, "Internal server error").response()
+    return error_response(request.url.path, ApiError(500, INTERNAL, "Internal server error"))
 
 
 def base_shape(engine: Engine) -> BaseShape | None:
@@ -97,6 +97,8 @@ def create_engine(
             n_gpu_layers=settings.gpu_layers,
         ),
         max_queue=settings.max_queue,
+        max_messages=settings.max_messages,
+        max_prompt_chars=settings.max_prompt_chars,
         on_failure=on_failure,
         chat_date=settings.chat_date,
         max_stall_ms=settings.max_stall_ms,
