@@ -131,8 +131,8 @@ class AdapterStore:
                     3039, f"fine-tune {name!r} is missing required files: upload {', '.join(ASSET_FILES)}"
                 )
             return path
-        # Not a file name (a separator, a NUL, longer than a file system allows): no adapter can be named so.
-        if "/" in name or "\0" in name or name.startswith(".") or len(f"{name}.gguf".encode()) > 255:
+        # Not a file name (a separator, longer than a file system allows): no adapter can be named so.
+        if "/" in name or name.startswith(".") or len(f"{name}.gguf".encode()) > 255:
             return None
         path = self.directory / f"{name}.gguf"
         return path if path.is_file() else None

@@ -362,8 +362,8 @@ class LlamaModel:
         """The tokens of `tokenize(text)`, a piece at a time, each piece starting at a special token and holding at
         most `specials_per_piece` of them, so that a caller can stop between pieces. llama.cpp finds special tokens
         by scanning the text once per special token over a list of fragments that grows with every match, which
-        is quadratic in a prompt's special tokens (1,600 SmolLM2 turns took 0.76 s, 16,000 took 286 s); it
-        tokenizes the text between special tokens apart, so the pieces' tokens are the whole text's."""
+        is quadratic in a prompt's special tokens (see docs/hardening.md); it tokenizes the text between special
+        tokens apart, so the pieces' tokens are the whole text's."""
         data = text.encode("utf-8")
         add_special = not (self.adds_bos and text.startswith(self.bos_text))
         if self._special_pattern is None:
