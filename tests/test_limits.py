@@ -190,8 +190,9 @@ def test_too_many_characters_are_refused_before_tokenizing(client):
 
 
 def test_special_tokens_are_tokenized_in_linear_time(client):
-    # 10,922 special tokens: llama.cpp alone takes time quadratic in them (more than a minute here).
-    response = post(client, run_url(), {"messages": [{"role": "user", "content": "<|im_start|>" * 10922}]})
+    # 60,000 special tokens between bits of text: llama.cpp alone takes time quadratic in them (minutes here).
+    turns = "<|im_start|>user\nhi<|im_end|>\n" * 4300
+    response = post(client, run_url(), {"messages": [{"role": "user", "content": turns}] * 7})
     assert response.status_code == 400, response.text
     assert "the prompt is more than 1024 tokens" in error_message(response)
 
