@@ -425,9 +425,7 @@ class Engine:
         generation = Generation(len(tokens), max_tokens, asyncio.get_running_loop())
         job = _Job(tokens, request, generation, prepared.grammar)
         with self._wake:
-            free_slots = self.slots - self.busy_slots
-            if self.max_queue and len(self._waiting) + self._preparing - free_slots >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting) + self._preparing} requests are already waiting")
+            self._refuse_when_full()
             self._waiting.append(job)
             generation.on_cancel = lambda: self._withdraw(job)
             self._wake.notify()
@@ -450,9 +448,7 @@ class Engine:
                 f"the prompt has {len(request.prompt.messages)} messages, over the limit of {self.max_messages}"
             )
         with self._wake:
-            free_slots = self.slots - self.busy_slots
-            if self.max_queue and len(self._waiting) + self._preparing - free_slots >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting) + self._preparing} requests are already waiting")
+            self._refuse_when_full()
             self._preparing += 1
         withdrawn = threading.Event()
         try:
@@ -475,6 +471,12 @@ class Engine:
             if future.cancel():  # never started (queued behind others): _prepare will not count itself out
                 with self._wake:
                     self._preparing -= 1
+
+    def _refuse_when_full(self) -> None:
+        """QueueFull when the requests waiting for a slot or being prepared fill the queue (called holding the lock)."""
+        waiting = len(self._waiting) + self._preparing
+        if self.max_queue and waiting - (self.slots - self.busy_slots) >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting")
 
     def _withdraw(self, job: _Job) -> None:
         # A request whose client left while it waited never takes a slot. One already in a slot is

@@ -331,14 +331,6 @@ class LlamaModel:
         raw = llama.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice."""
-        data = text.encode("utf-8")
-        # A template or raw prompt that already spells out the BOS text gets it parsed as BOS; asking llama.cpp to
-        # add its own as well would give two (which measurably degrades Llama 3 output, and llama.cpp warns).
-        add_special = not (self.adds_bos and text.startswith(self.bos_text))
-        return self._tokenize(data, add_special, parse_special=True)
-
     def _special_tokens_pattern(self) -> re.Pattern[bytes] | None:
         """What finds the special tokens llama.cpp parses in a text (control, user-defined and unknown tokens, the
         longest first); None where splitting a text at them could change its tokens (a token that strips the
@@ -359,12 +351,15 @@ class LlamaModel:
         return re.compile(b"|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
 
     def tokenize_pieces(self, text: str, specials_per_piece: int = SPECIAL_TOKENS_PER_CALL) -> Iterator[list[int]]:
-        """The tokens of `tokenize(text)`, a piece at a time, each piece starting at a special token and holding at
-        most `specials_per_piece` of them, so that a caller can stop between pieces. llama.cpp finds special tokens
+        """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice; a piece at
+        a time, each piece starting at a special token and holding at most `specials_per_piece` of them, so that a
+        caller can stop between pieces. llama.cpp finds special tokens
         by scanning the text once per special token over a list of fragments that grows with every match, which
         is quadratic in a prompt's special tokens (see docs/hardening.md); it tokenizes the text between special
         tokens apart, so the pieces' tokens are the whole text's."""
         data = text.encode("utf-8")
+        # A template or raw prompt that already spells out the BOS text gets it parsed as BOS; asking llama.cpp to
+        # add its own as well would give two (which measurably degrades Llama 3 output, and llama.cpp warns).
         add_special = not (self.adds_bos and text.startswith(self.bos_text))
         if self._special_pattern is None:
             yield self._tokenize(data, add_special, parse_special=True)
