@@ -109,7 +109,7 @@ def main() -> None:
     cli.add_argument("--pid", type=int, help="the server's process id, for its RSS")
     cli.add_argument("--timeout", type=float, default=60)
     cli.add_argument("--list", action="store_true")
-    args = cli.parse_args()
+    args = cli.parse_intermixed_args()
     if args.list:
         print("\n".join(CASES))
         return
