@@ -2,7 +2,7 @@
 
 Against a server already started (loopback), e.g.
     .venv/bin/python -m workers_ai_local --port 8787 --ctx-size 1024 --kv-layout slots --parallel 2 --max-queue 2 &
-    .venv/bin/python bench/request_costs.py http://127.0.0.1:8787 --pid $! [CASE ...]
+    .venv/bin/python bench/request_costs.py http://127.0.0.1:8787 --pid $! [--case NAME ...]
 
 Each request is given --timeout seconds (a request that used to run forever shows as a timeout). Cases run one after
 another; `--list` names them.
@@ -104,12 +104,12 @@ def rss_mb(pid: int | None) -> str:
 
 def main() -> None:
     cli = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    cli.add_argument("url")
-    cli.add_argument("cases", nargs="*", help="case names (default: all)")
+    cli.add_argument("url", nargs="?", default="http://127.0.0.1:8787")
+    cli.add_argument("--case", action="append", dest="cases", help="a case to run (repeat; default: all)")
     cli.add_argument("--pid", type=int, help="the server's process id, for its RSS")
     cli.add_argument("--timeout", type=float, default=60)
     cli.add_argument("--list", action="store_true")
-    args = cli.parse_intermixed_args()
+    args = cli.parse_args()
     if args.list:
         print("\n".join(CASES))
         return
