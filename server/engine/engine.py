@@ -399,12 +399,13 @@ class Engine:
         prompt that fills the window leaves no room to answer); an empty one starts from BOS."""
         assert self.model is not None
         tokens: list[int] = []
-        for piece in self.model.tokenize_pieces(text):
+        pieces = self.model.tokenize_pieces(text)
+        for piece in pieces:
             if gone():
                 raise Withdrawn("the request was withdrawn while its prompt was tokenized")
             tokens += piece
-            if len(tokens) > limit:
-                raise PromptTooLong(len(tokens), limit, at_least=True)
+            if len(tokens) > limit:  # the count is exact where this was the last piece
+                raise PromptTooLong(len(tokens), limit, at_least=next(pieces, None) is not None)
         if not tokens:
             if self.model.bos < 0:
                 raise PromptEmpty("the prompt is empty, and the model has no token to start from")
