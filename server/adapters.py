@@ -119,7 +119,8 @@ class AdapterStore:
         return self.directory / "finetunes"
 
     def _installed(self, name: str) -> Path | None:
-        if "/" in name or name.startswith("."):
+        # Not a file name (a separator, longer than a file system allows): no adapter can be named so.
+        if "/" in name or name.startswith(".") or len(f"{name}.gguf".encode()) > 255:
             return None
         path = self.directory / f"{name}.gguf"
         return path if path.is_file() else None

@@ -120,6 +120,8 @@ def create_engine(
             n_gpu_layers=settings.gpu_layers,
         ),
         max_queue=settings.max_queue,
+        max_messages=settings.max_messages,
+        max_prompt_chars=settings.max_prompt_chars,
         on_failure=on_failure,
         chat_date=settings.chat_date,
         max_stall_ms=settings.max_stall_ms,

@@ -7,11 +7,14 @@ playground page and the OpenAPI document stay open.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import secrets
 from collections.abc import Iterable
 from pathlib import Path
 
 from starlette.datastructures import Headers
+from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import ApiError, OpenAIError
@@ -33,6 +36,14 @@ def load_tokens(tokens: str, token_file: str) -> list[str]:
     return found
 
 
+def cache_scope(request: Request) -> str | None:
+    """Whose cached prompts a request may reuse: with several tokens, its token's (see TokenCheck); else anyone's."""
+    return request.scope.get("state", {}).get(CACHE_SCOPE)
+
+
+CACHE_SCOPE = "cache_scope"
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or "/ai/v1/" in path
 
@@ -41,12 +52,22 @@ class TokenCheck:
     def __init__(self, app: ASGIApp, tokens: Iterable[str]) -> None:
         self.app = app
         self.tokens = [t.encode() for t in tokens]
+        # With several tokens, each token's requests reuse only their own cached prompts: otherwise one client could
+        # test guesses of another's prompt by `cached_tokens` or by timing. The scope is a keyed hash of the token
+        # (a key of this process), never the token itself, since it may reach logs and the engine's state. With one
+        # token (or none) every request shares one scope, and reuses as before.
+        self._scope_key = secrets.token_bytes(32)
 
-    def _valid(self, presented: str) -> bool:
+    def _match(self, presented: str) -> bytes | None:
         # Every configured token is compared, so timing tells neither which one nor how much matched.
         candidate = presented.encode()
         matches = [hmac.compare_digest(candidate, token) for token in self.tokens]
-        return any(matches)
+        return self.tokens[matches.index(True)] if any(matches) else None
+
+    def _scope(self, token: bytes) -> str | None:
+        if len(self.tokens) < 2:
+            return None
+        return hmac.new(self._scope_key, token, hashlib.sha256).hexdigest()[:32]
 
     @staticmethod
     def _open(scope: Scope) -> bool:
@@ -58,7 +79,11 @@ class TokenCheck:
             return
         header = Headers(scope=scope).get("authorization", "")
         scheme, _, presented = header.partition(" ")
-        if scheme.lower() == "bearer" and presented and self._valid(presented.strip()):
+        token = self._match(presented.strip()) if scheme.lower() == "bearer" and presented else None
+        if token is not None:
+            scoped = self._scope(token)
+            if scoped is not None:
+                scope.setdefault("state", {})[CACHE_SCOPE] = scoped
             await self.app(scope, receive, send)
             return
         status = 403 if presented else 401

@@ -78,6 +78,8 @@ class Settings:
     prefill_block: int = 0
     parallel: int = 4
     max_queue: int = 256
+    max_messages: int = 2048
+    max_prompt_chars: int = 1 << 20
     gpu_layers: int = -1
     max_body_bytes: int = 4 * 1024 * 1024
     max_asset_bytes: int = 500 * 1000 * 1000
@@ -169,6 +171,17 @@ OPTIONS: dict[str, Option] = {
     "parallel": Option("--parallel", "WAI_PARALLEL", "requests decoded together in one batch (slots)"),
     "max_queue": Option(
         "--max-queue", "WAI_MAX_QUEUE", "requests that may wait for a slot; past it, 429 at once; 0 = no bound"
+    ),
+    "max_messages": Option(
+        "--max-messages",
+        "WAI_MAX_MESSAGES",
+        "most messages one request's conversation may hold; past it, 400 before the prompt is rendered; 0 = no bound",
+    ),
+    "max_prompt_chars": Option(
+        "--max-prompt-chars",
+        "WAI_MAX_PROMPT_CHARS",
+        "most characters a prompt may hold once rendered through the chat template; past it, 400 before it is "
+        "tokenized; 0 = no bound",
     ),
     "gpu_layers": Option(
         "--gpu-layers", "WAI_GPU_LAYERS", "layers offloaded to the GPU; -1 = all (when built with CUDA/Metal)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,14 @@ class RunRequest:
     tools: list[dict[str, Any]] | None
     lora: str | None
     response_format: dict[str, Any] | None
+
+    def __post_init__(self) -> None:
+        # Python's json reads NaN and Infinity, and JSON Schema's bounds cannot refuse NaN (it compares false with
+        # every bound), nor Infinity where no bound is set. Every surface builds this request, so it is checked once.
+        for name in ("temperature", "top_p", "repetition_penalty", "frequency_penalty", "presence_penalty"):
+            value = getattr(self.sampling, name)
+            if value is not None and not math.isfinite(value):
+                raise bad_input(f"Error: '/{name}' must be a finite number, got {value}")
 
     @classmethod
     def from_body(cls, body: dict[str, Any]) -> RunRequest:

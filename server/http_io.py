@@ -106,6 +106,22 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
+async def while_connected(request: Request, work: Awaitable[T]) -> T | None:
+    """The result of `work` (a request being prepared and queued), or None, with `work` cancelled, if the client
+    goes away first: preparing a long prompt must not outlive the client that sent it."""
+    task = asyncio.ensure_future(work)
+    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        disconnect.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        return None
+    return task.result()
+
+
 async def unless_disconnected(request: Request, generation: Generation, work: Awaitable[T]) -> T | None:
     """The result of `work` (which consumes `generation`), or None, with the generation cancelled, if the client
     goes away first. Raises ApiError (500) if the generation fails."""

@@ -18,6 +18,7 @@ from .contract import RunRequest, response_schema
 from .engine import ChatPrompt, CompletionRequest, Grammar, Prompt, TextPrompt
 from .errors import BAD_INPUT, ApiError, bad_input
 from .json_values import parse_model_json
+from .schema_limits import SchemaBudget, SchemaTooCostly, check_schema
 from .tools import Tool, ToolCalling
 
 JSON_MODE_UNMET = "JSON Mode couldn't be met"
@@ -48,6 +49,21 @@ def with_json_instruction(messages: list[dict[str, Any]], fmt: dict[str, Any]) -
     return [{"role": "system", "content": instruction}, *messages]
 
 
+def checked_tool_parameters(tools: list[Tool]) -> None:
+    """Every tool's parameters within the schema limits (one budget for all) and a JSON Schema, before any of them
+    is read: they become the grammar of the calls."""
+    budget = SchemaBudget()
+    for index, tool in enumerate(tools):
+        where = f"'/tools/{index}/parameters'"
+        try:
+            check_schema(tool.parameters, where, budget, definitions_only=True)
+            Draft202012Validator.check_schema(tool.parameters)
+        except SchemaTooCostly as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        except SchemaError as exc:
+            raise bad_input(f"Error: {where} is not a JSON Schema: {exc.message}") from exc
+
+
 @dataclass(frozen=True)
 class RunPlan:
     prompt: Prompt
@@ -64,6 +80,7 @@ class RunPlan:
             return cls.with_json_mode(ChatPrompt([{"role": "user", "content": run.prompt}]), run)
         if run.tools:
             tools = [Tool.from_request(t) for t in run.tools]
+            checked_tool_parameters(tools)
             calling = ToolCalling(tools, native=traits.native_tools, choice=tool_choice, python_tag=traits.python_tag)
             try:
                 messages = calling.prompt_messages(run.messages)
@@ -81,6 +98,10 @@ class RunPlan:
             return cls(prompt)
         schema = response_schema(fmt)
         try:
+            check_schema(schema, "'/response_format/json_schema'")
+        except SchemaTooCostly as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        try:
             Draft202012Validator.check_schema(schema)
         except SchemaError as exc:
             raise bad_input(f"Error: '/response_format/json_schema' is not a JSON Schema: {exc.message}") from exc
@@ -88,9 +109,17 @@ class RunPlan:
             prompt = ChatPrompt(with_json_instruction(list(prompt.messages), fmt), prompt.tools)
         return cls(prompt, Grammar.json_document(schema), json_schema=schema)
 
-    def completion(self, run: RunRequest, session: str | None, adapter: Path | None = None) -> CompletionRequest:
+    def completion(
+        self, run: RunRequest, session: str | None, adapter: Path | None = None, cache_scope: str | None = None
+    ) -> CompletionRequest:
         return CompletionRequest(
-            self.prompt, run.sampling, run.max_tokens, session=session, grammar=self.grammar, adapter=adapter
+            self.prompt,
+            run.sampling,
+            run.max_tokens,
+            session=session,
+            grammar=self.grammar,
+            adapter=adapter,
+            cache_scope=cache_scope,
         )
 
     def result(self, text: str) -> dict[str, Any]:

@@ -8,7 +8,6 @@ reasons are decided here, once.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
@@ -25,6 +24,8 @@ from .engine import (
     FinishReason,
     Generation,
     GrammarError,
+    PromptEmpty,
+    PromptTooLarge,
     PromptTooLong,
     QueueFull,
     Usage,
@@ -134,7 +135,18 @@ class TextGeneration:
         contract = self.contracts.get(model)
         if contract is None:
             raise ApiError(400, NO_SUCH_MODEL, f"No such model {model} or task")
+        self.refuse_long_conversation(body)
         return contract.parse(body)
+
+    def refuse_long_conversation(self, body: object) -> None:
+        """A conversation over the engine's message limit, refused before schema validation walks every message
+        (100,000 messages took seconds each on the event loop); the engine checks the same limit again."""
+        messages = body.get("messages") if isinstance(body, dict) else None
+        limit = self.engine.max_messages
+        if limit and isinstance(messages, list) and len(messages) > limit:
+            raise bad_input(
+                f"Error: the prompt has {len(messages)} messages, over the limit of {limit}; shorten the input"
+            )
 
     async def start(
         self,
@@ -143,28 +155,33 @@ class TextGeneration:
         tool_choice: str = "auto",
         stops: Sequence[str] = (),
         options: RunOptions = DEFAULT_OPTIONS,
+        cache_scope: str | None = None,
     ) -> Answer:
         """Queue a run. Refusals (bad grammar or template, too long a prompt, a full queue, a model still loading,
         an unknown adapter, a busy server under rejectIfBusy) raise ApiError in Workers AI's codes before anything
-        is generated."""
+        is generated. `cache_scope`: whose cached prompts the run may reuse (see auth.cache_scope)."""
         if self.strict:
             refuse_extensions(run)
         adapter = self.adapter_path(run.lora) if run.lora is not None else None
         plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
         constrained = "'/response_format/json_schema'" if plan.json_schema is not None else "a tool's parameters"
         try:
-            generation = await self.engine.submit(plan.completion(run, session, adapter), options.reject_if_busy)
+            generation = await self.engine.submit(
+                plan.completion(run, session, adapter, cache_scope), options.reject_if_busy
+            )
         except GrammarError as exc:
             raise bad_input(f"Error: {constrained} cannot be enforced: {exc}") from exc
         except BudgetTooSmall as exc:
             raise bad_input(f"Error: {exc}; raise max_tokens to at least {exc.needed}") from exc
         except ChatTemplateError as exc:
             raise bad_input(f"Error: {exc}") from exc
-        except PromptTooLong as exc:
+        except (PromptTooLong, PromptTooLarge) as exc:
             raise bad_input(f"Error: {exc}; shorten the input") from exc
         except Busy as exc:
             log.info("rejected at once (rejectIfBusy): %s", exc)
             raise ApiError(429, OUT_OF_CAPACITY, CAPACITY_EXCEEDED) from exc
+        except PromptEmpty as exc:
+            raise bad_input(f"Error: {exc}") from exc
         except QueueFull as exc:
             raise ApiError(429, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
         except EngineNotReady as exc:
@@ -175,10 +192,16 @@ class TextGeneration:
         """The text and the tokens a run would feed the model, without running it."""
         plan = RunPlan.build(run, self.traits, tool_choice=tool_choice)
         try:
-            text = self.engine.prompt_text(plan.prompt)
-            return text, await asyncio.to_thread(self.engine.prompt_tokens, plan.prompt)
+            tokens = await self.engine.tokenize(plan.prompt)  # size limits first, then the text (rendered again)
+            return self.engine.prompt_text(plan.prompt), tokens
         except ChatTemplateError as exc:
             raise bad_input(f"Error: {exc}") from exc
+        except (PromptTooLong, PromptTooLarge) as exc:
+            raise bad_input(f"Error: {exc}; shorten the input") from exc
+        except PromptEmpty as exc:
+            raise bad_input(f"Error: {exc}") from exc
+        except QueueFull as exc:
+            raise ApiError(429, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
         except EngineNotReady as exc:
             raise ApiError(503, OUT_OF_CAPACITY, f"{CAPACITY_EXCEEDED} ({exc})") from exc
 

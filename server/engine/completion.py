@@ -23,6 +23,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 import llguidance as llg
 import numpy as np
@@ -35,6 +36,46 @@ OPEN_OBJECT, CLOSE_OBJECT, OPEN_ARRAY, CLOSE_ARRAY = 0x7B, 0x7D, 0x5B, 0x5D
 _STRING_PUNCTUATION = set(b"@.-_:/+ ,")
 # "1" and "0" first: the shortest valid numbers and dates are made of them.
 _BYTE_ORDER = [0x31, 0x30] + [b for b in range(256) if b not in (0x30, 0x31)]
+
+
+# What one schema's shortest-answer computation may spend: the bytes of any shortest value it assembles (an answer
+# that long could not fit any context window), and the grammar states its byte searches visit in all. Requests'
+# schemas are held to smaller limits before they get here (server/schema_limits.py); these bound what those
+# limits still allow together (nested `minItems`, many searched leaves).
+MAX_SHORTEST_BYTES = 1 << 20
+MAX_SEARCH_NODES = 200_000
+# `$ref`s followed in a row before the chain is taken for a cycle.
+MAX_REF_CHAIN = 32
+
+
+class SchemaTooCostly(Exception):
+    """The shortest answer of a schema is longer, or costlier to find, than the limits above."""
+
+
+class Withdrawn(Exception):
+    """Work stopped because whoever asked for it stopped waiting (or the server is stopping)."""
+
+
+class PointerError(ValueError):
+    """A `$ref` that is not a JSON Pointer into its own schema, or that points at nothing there."""
+
+
+def resolve_pointer(root: Any, ref: str) -> Any:
+    """The subschema `ref` names in `root`: `#`, or `#/a/b/0` with percent-escapes and `~0`/`~1` decoded."""
+    if ref != "#" and not ref.startswith("#/"):
+        raise PointerError("only JSON Pointers into this schema ('#/$defs/name') can be followed")
+    target = root
+    for raw in unquote(ref[1:]).split("/")[1:]:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if isinstance(target, dict) and part in target:
+            target = target[part]
+        elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+            target = target[int(part)]
+        else:
+            raise PointerError(f"nothing at {part!r}")
+    if not isinstance(target, dict | bool):
+        raise PointerError("it points at a value that is not a schema")
+    return target
 
 
 BYTE_EOS = 256  # the byte tokenizer's end of text: it validates only where the document may end
@@ -96,12 +137,33 @@ def _candidates(allowed: list[int], in_string: bool) -> list[int]:
 Done = Callable[[llg.LLMatcher, bool], bool]
 
 
+@dataclass
+class SearchBudget:
+    """Steps (grammar states searched, items assembled) one schema's shortest answers may still take (see
+    MAX_SEARCH_NODES), and whether their caller still waits for them."""
+
+    nodes: int = MAX_SEARCH_NODES
+    gone: Callable[[], bool] = lambda: False
+
+    def spend(self) -> None:
+        self.nodes -= 1
+        if self.nodes < 0:
+            raise SchemaTooCostly(f"finding the schema's shortest answer takes more than {MAX_SEARCH_NODES} steps")
+        if self.gone():
+            raise Withdrawn("the request was withdrawn while its shortest answer was computed")
+
+
 def shortest_bytes(
-    matcher: llg.LLMatcher, in_string: bool, escape: bool, done: Done, max_nodes: int = 4000
+    matcher: llg.LLMatcher,
+    in_string: bool,
+    escape: bool,
+    done: Done,
+    max_nodes: int = 4000,
+    budget: SearchBudget | None = None,
 ) -> bytes | None:
     """The fewest bytes after which `done(matcher, in_string)` holds: breadth first, each state checked as it is
     reached, states that look alike at the same depth merged, forced bytes taken whole. None if none is found
-    within `max_nodes`."""
+    within `max_nodes`; SchemaTooCostly once `budget` is spent."""
     if done(matcher, in_string):
         return b""
     frontier = [(matcher, in_string, escape, b"")]
@@ -115,6 +177,8 @@ def shortest_bytes(
                 nodes += 1
                 if nodes > max_nodes:
                     return None
+                if budget is not None:
+                    budget.spend()
                 after = state.deep_copy()
                 if not after.consume_tokens(list(edge)):
                     continue
@@ -185,7 +249,7 @@ class Layout:
 class Schemas:
     """A JSON Schema's nodes, with their shortest valid values."""
 
-    def __init__(self, root: dict[str, Any], layout: Layout) -> None:
+    def __init__(self, root: dict[str, Any], layout: Layout, budget: SearchBudget | None = None) -> None:
         self.root = root
         self.layout = layout
         # Resolved once per schema node, each kept with the node it came from: the alternatives a merge builds then
@@ -193,6 +257,8 @@ class Schemas:
         self._resolved: dict[int, tuple[Any, list[dict[str, Any]]]] = {}
         self._shortest: dict[int, bytes | None] = {}
         self._busy: set[int] = set()
+        self._resolving: set[int] = set()
+        self.budget = budget or SearchBudget()
 
     def resolve(self, schema: Any) -> list[dict[str, Any]]:
         """A schema as the alternatives it allows: $ref followed, anyOf/oneOf flattened, a list of types split.
@@ -200,21 +266,31 @@ class Schemas:
         known = self._resolved.get(id(schema))  # a node in the cache is alive, so no other object has its id
         if known is not None:
             return known[1]
-        alternatives = self._resolve(schema)
+        if id(schema) in self._resolving:
+            return []  # an alternative of itself (a self-referencing anyOf) adds no alternative
+        self._resolving.add(id(schema))
+        try:
+            alternatives = self._resolve(schema)
+        finally:
+            self._resolving.discard(id(schema))
         self._resolved[id(schema)] = (schema, alternatives)
         return alternatives
 
     def _resolve(self, schema: Any) -> list[dict[str, Any]]:
         if schema is True or schema is None:
             return [{}]
-        if schema is False:
+        if schema is False or not isinstance(schema, dict):
             return []
-        for _ in range(64):  # a $ref chain longer than this is a cycle
+        for _ in range(MAX_REF_CHAIN):  # a $ref chain longer than this is a cycle
             if "$ref" not in schema:
                 break
-            target: Any = self.root
-            for part in (p for p in schema["$ref"].lstrip("#").split("/") if p):
-                target = target[part.replace("~1", "/").replace("~0", "~")]
+            try:
+                target = resolve_pointer(self.root, schema["$ref"])
+            except PointerError:
+                return []  # refused before a request gets here (schema_limits); nothing to offer if not
+            if target is False:
+                return []
+            target = {} if target is True else target
             rest = {k: v for k, v in schema.items() if k != "$ref"}
             schema = {**target, **rest} if rest else target
         for keyword in ("anyOf", "oneOf"):
@@ -270,21 +346,29 @@ class Schemas:
     def _shortest_of(self, schema: dict[str, Any]) -> bytes | None:
         kind = self.kind(schema)
         if kind == "object" and not any(k in schema for k in ("allOf", "minProperties", "patternProperties")):
-            members = []
+            members, size = [], 0
             for name in self.property_order(schema):
                 if name in schema.get("required", []):
                     value = self.shortest(self.property_schema(schema, name))
                     if value is None:
                         return None
                     members.append(json.dumps(name).encode() + self.layout.key + value)
+                    self.budget.spend()
+                    size += len(members[-1]) + len(self.layout.item)
+                    if size > MAX_SHORTEST_BYTES:
+                        raise SchemaTooCostly(f"the schema's shortest answer is longer than {MAX_SHORTEST_BYTES} bytes")
             return b"{" + self.layout.item.join(members) + b"}"
         if kind == "array" and "contains" not in schema:
-            items = []
+            items, size = [], 0
             for index in range(schema.get("minItems", 0)):
                 value = self.shortest(self.item_schema(schema, index))
                 if value is None:
                     return None
                 items.append(value)
+                self.budget.spend()
+                size += len(value) + len(self.layout.item)
+                if size > MAX_SHORTEST_BYTES:
+                    raise SchemaTooCostly(f"the schema's shortest answer is longer than {MAX_SHORTEST_BYTES} bytes")
             return b"[" + self.layout.item.join(items) + b"]"
         # Anything else: search the node's own grammar, with the document's definitions and options.
         node = dict(schema)
@@ -295,7 +379,8 @@ class Schemas:
         matcher = llg.LLMatcher(BYTE_TOKENIZER, llg.grammar_from("json_schema", json.dumps(node)), log_level=0)
         if matcher.is_error():
             return None
-        return shortest_bytes(matcher, False, False, lambda m, _: m.is_accepting(), max_nodes=20000)
+        done = lambda m, _: m.is_accepting()  # noqa: E731
+        return shortest_bytes(matcher, False, False, done, max_nodes=20000, budget=self.budget)
 
 
 @dataclass
@@ -442,6 +527,8 @@ class Tracker:
                     return None
                 out += (b"" if first else layout.item) + value
                 first = False
+                if len(out) > MAX_SHORTEST_BYTES:
+                    raise SchemaTooCostly(f"the schema's shortest answer is longer than {MAX_SHORTEST_BYTES} bytes")
             return bytes(out + b"]")
         state, written = frame.state, set(frame.keys)
         if state == "colon":

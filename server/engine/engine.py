@@ -14,7 +14,12 @@ the prompt is computed; an exact repeat of a cached prompt computes nothing (the
 prompt's last token). In the pool layout all slots share one KV pool (`--kv-size` cells, llama.cpp's unified
 cache): a request is admitted when the pool can hold its prompt and its max_tokens beside what running requests
 may still come to hold, idle slots' caches giving way least recently used first; until then it waits in the queue.
-In the slots layout each slot has a KV stream of its own.
+In the slots layout each slot has a KV stream of its own. A cache serves only requests of the scope that computed
+it (a scope per API token where there are several), so no client learns from reuse what another's prompts held.
+
+Before it queues, a request is prepared off the event loop (rendered, tokenized, its grammar compiled): that
+counts against the queue's bound, is refused as soon as the prompt is over a size limit or the context window,
+and stops between pieces once its caller stops waiting.
 
 The asyncio side sees `Engine.submit`, iteration over a `Generation`, and `Generation.cancel`.
 """
@@ -29,6 +34,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -38,6 +44,7 @@ import llama_cpp as llama
 import numpy as np
 
 from .chat_template import ChatTemplate
+from .completion import Withdrawn
 from .generation import Failed, Finished, FinishReason, Generation
 from .grammar import PYTHON_TAG, Grammar
 from .llama_model import ATTENTION_QUERY_TILE, AdapterError, ContextSettings, DecodeError, LlamaModel
@@ -70,6 +77,9 @@ CPU_PREFILL_BLOCKS = ((1_500_000_000, 64), (4_000_000_000, 32), (None, 16))  # (
 # time), as a moving average with this weight for the newest.
 RATE_WEIGHT = 0.3
 MEASURED_PREFILL = 4
+# Threads that prepare requests (render, tokenize, compile grammars) at once; more would only share the same cores
+# with the engine thread.
+PREPARE_THREADS = 2
 
 
 def prefill_block_for(n_params: int, gpu: bool) -> int:
@@ -102,6 +112,9 @@ class CompletionRequest:
     sampling: SamplingParams
     max_tokens: int
     session: str | None = None  # requests of one conversation share a key, so they land on its slot
+    # Whose cache this request may reuse: requests of different scopes (API tokens) never share a cached prefix,
+    # so that neither `cached_tokens` nor timing tells one client what another's prompts held.
+    cache_scope: str | None = None
     grammar: Grammar | None = None
     adapter: Path | None = None  # a GGUF LoRA adapter applied to this request alone
 
@@ -129,10 +142,19 @@ class BudgetTooSmall(Exception):
 
 
 class PromptTooLong(Exception):
-    def __init__(self, prompt_tokens: int, limit: int) -> None:
-        super().__init__(f"the prompt is {prompt_tokens} tokens, but the context window holds {limit}")
+    def __init__(self, prompt_tokens: int, limit: int, at_least: bool = False) -> None:
+        size = f"more than {limit}" if at_least else str(prompt_tokens)
+        super().__init__(f"the prompt is {size} tokens, but the context window holds {limit}")
         self.prompt_tokens = prompt_tokens
         self.limit = limit
+
+
+class PromptTooLarge(Exception):
+    """A prompt over a size limit that is checked before it is tokenized (messages, characters)."""
+
+
+class PromptEmpty(Exception):
+    """A prompt of no tokens at all, for a model with no BOS token to start from."""
 
 
 @dataclass(eq=False)
@@ -170,6 +192,7 @@ class Slot:
     n_generated: int = 0
     text: codecs.IncrementalDecoder | None = None
     session: str | None = None
+    cache_scope: str | None = None  # the scope of the request that computed the cached KV
     adapter: Path | None = None  # the adapter the cached KV was computed with
     last_used: int = 0
     # The logits after the last prompt token, kept with the cache: an identical prompt then starts from them and
@@ -239,13 +262,22 @@ class Engine:
         chat_date: str = "",
         max_stall_ms: int = 1000,
         prefill_block: int = 0,
+        max_messages: int = 0,
+        max_prompt_chars: int = 0,
     ) -> None:
         """`max_stall_ms`: how long running streams may wait, per step, on newly admitted prompts (0: no bound);
-        `prefill_block`: prompt block size (0: chosen from the model and the device)."""
+        `prefill_block`: prompt block size (0: chosen from the model and the device); `max_messages`,
+        `max_prompt_chars`: the most turns a chat prompt, and characters a rendered prompt, may hold (0: no bound)."""
         self.fetch_model = fetch_model
         self.chat_date = chat_date  # see ChatTemplate: empty keeps prompts the same on any day
         self.settings = settings
         self.max_queue = max_queue  # 0: unbounded
+        self.max_messages = max_messages
+        self.max_prompt_chars = max_prompt_chars
+        # Requests being prepared (rendered, tokenized, their grammar compiled) off the event loop: they count
+        # against max_queue like waiting ones, and run in threads of their own pool, never the loop's default one.
+        self._preparing = 0
+        self._preparer = ThreadPoolExecutor(max_workers=PREPARE_THREADS, thread_name_prefix="prepare")
         self.on_failure = on_failure
         self.state = EngineState.LOADING
         self.error: str | None = None
@@ -277,6 +309,8 @@ class Engine:
         with self._wake:
             self._stopping = True
             self._wake.notify()
+        # Preparations under way stop at their next check (see _prepare); queued ones never start.
+        self._preparer.shutdown(wait=False, cancel_futures=True)
         if self.state is EngineState.LOADING:
             return  # a download may take minutes; the daemon thread ends with the process
         self._thread.join()
@@ -341,27 +375,52 @@ class Engine:
             return prompt.text
         return self.template.render(prompt.messages, prompt.tools)
 
-    def prompt_tokens(self, prompt: Prompt) -> list[int]:
-        """The tokens a prompt becomes. Thread-safe: reads only the vocabulary."""
-        text = self.prompt_text(prompt)
-        assert self.model is not None
-        return self.model.tokenize(text)
+    def _prepare(self, request: CompletionRequest, withdrawn: threading.Event) -> _Prepared:
+        """The request's tokens, and its grammar compiled with the shortest answer it allows, checked as they are
+        made: a prompt over a size limit or the context window is refused as soon as that is known, and the work
+        stops between pieces once the caller has stopped waiting (or the engine is stopping). A grammar that cannot
+        be enforced is refused here too, before the request queues, not in the engine loop; so is a budget too
+        small for any complete answer."""
+        try:
 
-    def _prepare(self, request: CompletionRequest) -> _Prepared:
-        # A grammar that cannot be enforced is refused here, before the request queues, not in the engine loop;
-        # so is a budget too small for any complete answer.
-        tokens = self.prompt_tokens(request.prompt)
-        if request.grammar is None or self.vocabulary is None:
-            return _Prepared(tokens)
-        compiled = self.vocabulary.compile(request.grammar)
-        return _Prepared(tokens, compiled, self.vocabulary.shortest_answer(request.grammar))
+            def gone() -> bool:
+                return withdrawn.is_set() or self._stopping
+
+            text = self.prompt_text(request.prompt)
+            if self.max_prompt_chars and len(text) > self.max_prompt_chars:
+                raise PromptTooLarge(f"the prompt is {len(text)} characters, over the limit of {self.max_prompt_chars}")
+            tokens = self._tokens_within(text, self.context_window, gone)
+            if request.grammar is None or self.vocabulary is None:
+                return _Prepared(tokens)
+            compiled = self.vocabulary.compile(request.grammar)
+            return _Prepared(tokens, compiled, self.vocabulary.shortest_answer(request.grammar, gone))
+        finally:
+            with self._wake:
+                self._preparing -= 1
+
+    def _tokens_within(self, text: str, limit: int, gone: Callable[[], bool]) -> list[int]:
+        """The tokens of a rendered prompt, refused with PromptTooLong as soon as they are more than `limit` (a
+        prompt that fills the window leaves no room to answer); an empty one starts from BOS."""
+        assert self.model is not None
+        tokens: list[int] = []
+        pieces = self.model.tokenize_pieces(text)
+        for piece in pieces:
+            if gone():
+                raise Withdrawn("the request was withdrawn while its prompt was tokenized")
+            tokens += piece
+            if len(tokens) > limit:  # the count is exact where this was the last piece
+                raise PromptTooLong(len(tokens), limit, at_least=next(pieces, None) is not None)
+        if not tokens:
+            if self.model.bos < 0:
+                raise PromptEmpty("the prompt is empty, and the model has no token to start from")
+            tokens = [self.model.bos]
+        return tokens
 
     async def submit(self, request: CompletionRequest, reject_if_busy: bool = False) -> Generation:
-        """Queue a request. Raises PromptTooLong, BudgetTooSmall, GrammarError or QueueFull at once, before
-        anything is generated; with `reject_if_busy`, Busy where it would wait (see `_would_wait`)."""
-        if self.state is not EngineState.READY:
-            raise EngineNotReady(self.error or "the model is still loading")
-        prepared = await asyncio.to_thread(self._prepare, request)
+        """Queue a request. Raises PromptTooLarge, PromptTooLong, PromptEmpty, BudgetTooSmall, GrammarError or
+        QueueFull at once, before anything is generated; with `reject_if_busy`, Busy where it would wait (see
+        `_would_wait`). Cancelling the caller stops the preparation too."""
+        prepared = await self._prepared(request)
         tokens = prepared.tokens
         room = self.context_window - len(tokens)
         if room < 1:
@@ -372,13 +431,11 @@ class Engine:
         generation = Generation(len(tokens), max_tokens, asyncio.get_running_loop())
         job = _Job(tokens, request, generation, prepared.grammar)
         with self._wake:
-            free_slots = self.slots - self.busy_slots
             if reject_if_busy:
-                reason = self._would_wait(job, free_slots)
+                reason = self._would_wait(job, self.slots - self.busy_slots)
                 if reason:
                     raise Busy(reason)
-            if self.max_queue and len(self._waiting) - free_slots >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            self._refuse_when_full()
             self._waiting.append(job)
             generation.on_cancel = lambda: self._withdraw(job)
             self._wake.notify()
@@ -398,6 +455,53 @@ class Engine:
             if claimed + job.cells > self.model.kv_size:
                 return f"the KV pool holds {self.model.kv_size} tokens and {claimed} are claimed"
         return ""
+
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        """The tokens a prompt becomes, prepared as a request's are (queued, bounded, cancellable)."""
+        request = CompletionRequest(prompt, SamplingParams(), max_tokens=1)
+        return (await self._prepared(request)).tokens
+
+    async def _prepared(self, request: CompletionRequest) -> _Prepared:
+        if self.state is not EngineState.READY:
+            raise EngineNotReady(self.error or "the model is still loading")
+        if (
+            isinstance(request.prompt, ChatPrompt)
+            and self.max_messages
+            and len(request.prompt.messages) > self.max_messages
+        ):
+            raise PromptTooLarge(
+                f"the prompt has {len(request.prompt.messages)} messages, over the limit of {self.max_messages}"
+            )
+        with self._wake:
+            self._refuse_when_full()
+            self._preparing += 1
+        withdrawn = threading.Event()
+        try:
+            future = self._preparer.submit(self._prepare, request, withdrawn)
+        except RuntimeError as exc:  # the pool is shut down: the engine is stopping
+            with self._wake:
+                self._preparing -= 1
+            raise EngineNotReady("the server is shutting down") from exc
+        try:
+            return await asyncio.wrap_future(future)
+        except Withdrawn as exc:
+            raise EngineNotReady("the server is shutting down") from exc
+        except asyncio.CancelledError as exc:
+            task = asyncio.current_task()
+            if self._stopping and task is not None and not task.cancelling():  # the pool dropped it, not the caller
+                raise EngineNotReady("the server is shutting down") from exc
+            raise
+        finally:
+            withdrawn.set()  # the caller is done waiting, answered or cancelled: nothing more to do
+            if future.cancel():  # never started (queued behind others): _prepare will not count itself out
+                with self._wake:
+                    self._preparing -= 1
+
+    def _refuse_when_full(self) -> None:
+        """QueueFull when the requests waiting for a slot or being prepared fill the queue (called holding the lock)."""
+        waiting = len(self._waiting) + self._preparing
+        if self.max_queue and waiting - (self.slots - self.busy_slots) >= self.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting")
 
     def _withdraw(self, job: _Job) -> None:
         # A request whose client left while it waited never takes a slot. One already in a slot is
@@ -519,7 +623,7 @@ class Engine:
         session = job.request.session
         if session is not None:
             for slot in free:
-                if slot.session == session:
+                if slot.session == session and slot.cache_scope == job.request.cache_scope:
                     return slot
         # The strongest claim wins (see _claim); among equals, a slot no conversation claims; then, in the slots layout,
         # the one that leaves the busy slots in the fewest runs of consecutive sequence ids: llama.cpp decodes only
@@ -561,8 +665,8 @@ class Engine:
 
     def _reusable(self, slot: Slot, job: _Job, block: int) -> int:
         """Prompt tokens of `job` the slot's cache can serve, the common prefix in whole `block`s."""
-        # KV computed under one adapter is wrong under another.
-        if slot.adapter != job.request.adapter:
+        # KV computed under one adapter is wrong under another; another scope's is not this request's to see.
+        if slot.adapter != job.request.adapter or slot.cache_scope != job.request.cache_scope:
             return 0
         if slot.repeats(job.tokens):
             return len(job.tokens)
@@ -585,6 +689,7 @@ class Engine:
         slot.n_generated = 0
         slot.text = codecs.getincrementaldecoder("utf-8")(errors="replace")
         slot.session = job.request.session
+        slot.cache_scope = job.request.cache_scope
         slot.adapter = job.request.adapter
         slot.last_used = next(self._clock)
         job.generation.cached_tokens = reuse

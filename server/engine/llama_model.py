@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,10 @@ class DecodeError(Exception):
 
 class AdapterError(Exception):
     pass
+
+
+# Special tokens per llama_tokenize call (see LlamaModel.tokenize_pieces).
+SPECIAL_TOKENS_PER_CALL = 64
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,7 @@ class LlamaModel:
         self.bos_text = self.token_text(self.bos) if self.bos >= 0 else "\0"
         self._pieces: dict[int, bytes] = {}
         self.adds_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self._special_pattern = self._special_tokens_pattern()
         self.description = self._string(lambda buf, n: llama.llama_model_desc(self.model, buf, n))
 
     def _kv_bytes_per_token(self, element_bytes: float) -> float:
@@ -340,13 +346,46 @@ class LlamaModel:
         raw = llama.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", errors="replace") if raw else ""
 
-    def tokenize(self, text: str) -> list[int]:
-        """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice."""
+    def _special_tokens_pattern(self) -> re.Pattern[bytes] | None:
+        """What finds the special tokens llama.cpp parses in a text (control, user-defined and unknown tokens, the
+        longest first); None where splitting a text at them could change its tokens (a token that strips the
+        whitespace beside it, or a vocabulary that appends EOS)."""
+        parsed = llama.LLAMA_TOKEN_ATTR_CONTROL | llama.LLAMA_TOKEN_ATTR_USER_DEFINED | llama.LLAMA_TOKEN_ATTR_UNKNOWN
+        stripping = llama.LLAMA_TOKEN_ATTR_LSTRIP | llama.LLAMA_TOKEN_ATTR_RSTRIP
+        texts = set()
+        for token in range(self.n_vocab):
+            attr = llama.llama_vocab_get_attr(self.vocab, token)
+            if attr & parsed:
+                if attr & stripping:
+                    return None
+                text = self.token_bytes(token)
+                if text:
+                    texts.add(text)
+        if not texts or llama.llama_vocab_get_add_eos(self.vocab):
+            return None
+        return re.compile(b"|".join(re.escape(t) for t in sorted(texts, key=len, reverse=True)))
+
+    def tokenize_pieces(self, text: str, specials_per_piece: int = SPECIAL_TOKENS_PER_CALL) -> Iterator[list[int]]:
+        """Tokens of `text`, special tokens parsed, BOS added where the model wants one but never twice; a piece at
+        a time, each piece starting at a special token and holding at most `specials_per_piece` of them, so that a
+        caller can stop between pieces. llama.cpp finds special tokens
+        by scanning the text once per special token over a list of fragments that grows with every match, which
+        is quadratic in a prompt's special tokens (see docs/hardening.md); it tokenizes the text between special
+        tokens apart, so the pieces' tokens are the whole text's."""
         data = text.encode("utf-8")
         # A template or raw prompt that already spells out the BOS text gets it parsed as BOS; asking llama.cpp to
         # add its own as well would give two (which measurably degrades Llama 3 output, and llama.cpp warns).
         add_special = not (self.adds_bos and text.startswith(self.bos_text))
-        return self._tokenize(data, add_special, parse_special=True)
+        if self._special_pattern is None:
+            yield self._tokenize(data, add_special, parse_special=True)
+            return
+        start, count = 0, 0
+        for match in self._special_pattern.finditer(data):
+            count += 1
+            if count > specials_per_piece:
+                yield self._tokenize(data[start : match.start()], add_special, parse_special=True)
+                start, count, add_special = match.start(), 1, False
+        yield self._tokenize(data[start:], add_special, parse_special=True)
 
     def tokenize_text(self, data: bytes) -> list[int]:
         """Tokens of plain text: no BOS, and special-token names read as text."""

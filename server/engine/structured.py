@@ -12,12 +12,13 @@ generation, a budget that cannot hold the shortest valid answer is refused.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import llguidance as llg
 import numpy as np
 
-from .completion import Completer, Schemas
+from .completion import Completer, Schemas, SchemaTooCostly, SearchBudget
 from .grammar import CALL_SEPARATOR, LAYOUT, Grammar, GrammarError
 from .llama_model import LlamaModel
 
@@ -76,9 +77,13 @@ class Vocabulary:
             known = self._tokens[data] = tuple(self.tokenizer.tokenize_bytes(data) if data else ())
         return list(known)
 
-    def shortest_answer(self, grammar: Grammar) -> int:
-        """Tokens of the shortest answer the grammar allows that closes every JSON document it opens."""
-        ending = _Documents(grammar).ending()
+    def shortest_answer(self, grammar: Grammar, gone: Callable[[], bool] = lambda: False) -> int:
+        """Tokens of the shortest answer the grammar allows that closes every JSON document it opens. Raises
+        GrammarError where finding it costs too much, Withdrawn once `gone()` (checked as it goes)."""
+        try:
+            ending = _Documents(grammar, SearchBudget(gone=gone)).ending()
+        except SchemaTooCostly as exc:
+            raise GrammarError(str(exc)) from exc
         if ending is None:
             raise GrammarError("no JSON document satisfies this schema")
         return len(self.tokens(ending))
@@ -88,10 +93,10 @@ class _Documents:
     """Where the answer's JSON documents start and end: JSON mode's is the whole answer; a tool answer is text, or
     calls separated by '; ' (each a document); a special token such as <|python_tag|> has no bytes here."""
 
-    def __init__(self, grammar: Grammar) -> None:
+    def __init__(self, grammar: Grammar, budget: SearchBudget | None = None) -> None:
         self.grammar = grammar
         assert grammar.document is not None or not grammar.whole_answer
-        self.schemas = Schemas(grammar.document, LAYOUT) if grammar.document is not None else None
+        self.schemas = Schemas(grammar.document, LAYOUT, budget) if grammar.document is not None else None
         self.completer = self._completer() if grammar.whole_answer else None
         self.state = "document" if grammar.whole_answer else "start"  # start, text, document, between
         self.separator = b""  # how much of the separator between calls has been written

@@ -19,12 +19,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import sse
-from ..auth import is_openai_path
+from ..auth import cache_scope, is_openai_path
 from ..config import SCHEMAS_DIR
 from ..contract import RunRequest
 from ..engine import GenerationFailed, SamplingParams
 from ..errors import ApiError, OpenAIError
-from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected, while_connected
 from ..run_options import RunOptions
 from ..text_generation import Answer, TextGeneration
 
@@ -144,6 +144,7 @@ class OpenAIRoutes:
 
     def _parse(self, body: object, chat: bool) -> dict[str, Any]:
         validator = self.chat_schema if chat else self.completion_schema
+        self.generation.refuse_long_conversation(body)
         errors = sorted(validator.iter_errors(body), key=lambda e: list(e.absolute_path))
         if errors:
             where = ".".join(str(p) for p in errors[0].absolute_path) or None
@@ -202,15 +203,21 @@ class OpenAIRoutes:
         if choice not in ("auto", "none", "required") and choice not in {t["name"] for t in run.tools or []}:
             raise OpenAIError(400, f"tool_choice names {choice!r}, which is not among the tools", param="tool_choice")
         stop = _value(body, "stop", [])
-        answer = await self.generation.start(
-            run,
-            session=request.headers.get(SESSION_HEADER),
-            tool_choice=choice,
-            stops=[stop] if isinstance(stop, str) else stop,
-            # Workers AI reads `options` at the top of the body; top-level `rejectIfBusy` is taken too, except
-            # under --strict, where it is ignored as production ignores it.
-            options=RunOptions.from_body(body, top_level=not self.generation.strict),
+        answer = await while_connected(
+            request,
+            self.generation.start(
+                run,
+                session=request.headers.get(SESSION_HEADER),
+                tool_choice=choice,
+                stops=[stop] if isinstance(stop, str) else stop,
+                # Workers AI reads `options` at the top of the body; top-level `rejectIfBusy` is taken too, except
+                # under --strict, where it is ignored as production ignores it.
+                options=RunOptions.from_body(body, top_level=not self.generation.strict),
+                cache_scope=cache_scope(request),
+            ),
         )
+        if answer is None:
+            return Response(status_code=CLIENT_CLOSED)
         request.state.generation = answer.generation
         reply = Reply(body["model"], chat, answer)
         if run.stream:

@@ -10,10 +10,11 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from .. import sse
+from ..auth import cache_scope
 from ..contract import RunRequest
 from ..engine import GenerationFailed
 from ..errors import INTERNAL, success
-from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected
+from ..http_io import CLIENT_CLOSED, SESSION_HEADER, read_json, unless_disconnected, while_connected
 from ..run_options import DEFAULT_OPTIONS, RunOptions
 from ..text_generation import Answer, TextGeneration
 
@@ -70,8 +71,10 @@ class WorkersAIRoutes:
         """An extension for debugging prompts: the text and token ids a run body becomes, chat template, tools and
         special tokens applied, exactly as `/ai/run` would feed them to the model."""
         run = self.generation.parse(request.path_params["model"], await read_json(request, self.max_body))
-        text, tokens = await self.generation.prompt(run)
-        return success({"prompt": text, "tokens": tokens})
+        prompt = await while_connected(request, self.generation.prompt(run))
+        if prompt is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return success({"prompt": prompt[0], "tokens": prompt[1]})
 
 
 async def answer_run(
@@ -83,7 +86,11 @@ async def answer_run(
 ) -> Response:
     """Start `run` and answer it as Workers AI does: its events when streamed, else the result as `whole` wraps it
     (the REST API's envelope, the binding's bare result)."""
-    answer = await generation.start(run, session=request.headers.get(SESSION_HEADER), options=options)
+    session = request.headers.get(SESSION_HEADER)
+    start = generation.start(run, session=session, options=options, cache_scope=cache_scope(request))
+    answer = await while_connected(request, start)
+    if answer is None:
+        return Response(status_code=CLIENT_CLOSED)
     request.state.generation = answer.generation
     if run.stream:
         return StreamingResponse(workers_ai_events(answer), media_type=sse.MEDIA_TYPE, headers=sse.HEADERS)
