@@ -61,7 +61,11 @@ def checked_tool_parameters(tools: list[Tool]) -> None:
         except SchemaTooCostly as exc:
             raise bad_input(f"Error: {exc}") from exc
         except SchemaError as exc:
-            raise bad_input(f"Error: {where} is not a JSON Schema: {exc.message}") from exc
+            # Worded as every schema that cannot become a grammar is: the published input schema admits any
+            # object here, so this is a refusal of what the request means, not of its shape.
+            raise bad_input(
+                f"Error: a tool's parameters cannot be enforced: {where} is not a JSON Schema: {exc.message}"
+            ) from exc
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,19 @@ GUARD_BODY_LIMIT = 32768
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 
 
+# Under -n each file runs whole on one worker (--dist loadfile), and files are handed out in the order collected:
+# the longest go first, so that no worker is left alone with one of them at the end.
+SLOW_FILES_FIRST = (
+    "test_structured_output.py", "test_kv_pool.py", "test_openapi_contract.py", "test_ray_serve.py",
+    "test_workers.py", "test_batching.py", "test_package.py", "test_models.py", "test_matrix.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -11,7 +11,7 @@ valid still fails the run.
 from __future__ import annotations
 
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
+from schemathesis.specs.openapi.checks import negative_data_rejection, positive_data_acceptance
 
 SEMANTIC_REFUSALS = (
     "but the context window holds",  # the prompt, in tokens, is longer than the model's window
@@ -32,3 +32,12 @@ def valid_data_accepted_unless_semantic(ctx, response, case) -> bool | None:  # 
     if response.status_code == 400 and any(phrase in response.text for phrase in SEMANTIC_REFUSALS):
         return None
     return positive_data_acceptance(ctx, response, case)
+
+
+@schemathesis.check
+def invalid_data_rejected_or_too_large(ctx, response, case) -> bool | None:  # type: ignore[no-untyped-def]
+    """schemathesis's negative_data_rejection, with 413 a refusal too: a body over --max-body-bytes (a string past
+    its maxLength, say) is refused by its size before its content is read, the documented 413 (code 3006)."""
+    if response.status_code == 413:
+        return None
+    return negative_data_rejection(ctx, response, case)

@@ -44,10 +44,10 @@ def test_one_request_may_use_more_than_a_slots_former_share(pool):
 
 
 def test_a_request_that_fits_the_pool_but_not_its_free_part_waits(pool):
-    # Two requests of ~2400 prompt tokens and 800 to generate cannot be in the 4096-token pool together: the second
+    # Two requests of ~2400 prompt tokens and 200 to generate cannot be in the 4096-token pool together: the second
     # waits for the first and then runs; neither fails.
     bodies = [
-        {"prompt": long_prompt(2400, tag), "raw": True, "max_tokens": 800, "temperature": 0} for tag in ("a", "b")
+        {"prompt": long_prompt(2400, tag), "raw": True, "max_tokens": 200, "temperature": 0} for tag in ("a", "b")
     ]
     with ThreadPoolExecutor(2) as run:
         started = time.monotonic()
