@@ -125,18 +125,12 @@ async def while_connected(request: Request, work: Awaitable[T]) -> T | None:
 async def unless_disconnected(request: Request, generation: Generation, work: Awaitable[T]) -> T | None:
     """The result of `work` (which consumes `generation`), or None, with the generation cancelled, if the client
     goes away first. Raises ApiError (500) if the generation fails."""
-    task = asyncio.ensure_future(work)
-    disconnect = asyncio.ensure_future(wait_for_disconnect(request))
+    result = None
     try:
-        await asyncio.wait({task, disconnect}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        disconnect.cancel()
-        if not task.done():
-            generation.cancel()
-            task.cancel()
-    if not task.done() or task.cancelled():
-        return None
-    try:
-        return task.result()
+        result = await while_connected(request, work)
     except GenerationFailed as exc:
         raise ApiError(500, INTERNAL, str(exc)) from exc
+    finally:
+        if result is None:  # the client left, or this request was cancelled: stop generating for it
+            generation.cancel()
+    return result
