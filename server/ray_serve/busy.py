@@ -11,22 +11,24 @@ from __future__ import annotations
 
 import json
 
+from workers_ai_local.errors import ApiError
 from workers_ai_local.ray_serve import prefixes
+from workers_ai_local.run_options import RunOptions
 
 
 def rejects_if_busy(body: bytes) -> bool:
-    """Whether a run body asks for rejectIfBusy: in `options` (REST, Chat Completions, the binding's wrapper) or,
-    on Chat Completions, at the top."""
+    """Whether a run body asks for rejectIfBusy, read as the replica reads it (RunOptions, `options` first, then the
+    top level that Chat Completions takes); a body the replica will refuse asks for nothing here."""
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         return False
     if not isinstance(payload, dict):
         return False
-    options = payload.get("options")
-    if isinstance(options, dict) and options.get("rejectIfBusy") is True:
-        return True
-    return payload.get("rejectIfBusy") is True
+    try:
+        return RunOptions.from_body(payload, top_level=True).reject_if_busy
+    except ApiError:
+        return False
 
 
 def cluster_busy() -> bool:
